@@ -1,0 +1,1 @@
+"""Backends that start a plan (local torchrun, SLURM through submitit) and environment detection."""

@@ -1,0 +1,54 @@
+"""The local backend: one torchrun on this machine. `torchrun_command` is pure; `spawn` starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from launcher.schema import RunConfig
+
+
+def torchrun_command(cfg: RunConfig, plan, *, python: str) -> list[str]:
+    return [
+        python, "-m", "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={plan.nproc_per_node}",
+        "--standalone",
+        f"--max_restarts={cfg.cluster.max_restarts}",
+        # torchrun's default of 5 s adds ~15 s to every restart (pytorch #124692)
+        f"--monitor_interval={cfg.cluster.monitor_interval:g}",
+        "--module", "trainer",
+        plan.run_dir,
+    ]
+
+
+def spawn(plan) -> int:
+    """Run torchrun and wait. Ctrl-C or SIGTERM is passed to torchrun once, which asks every rank to
+    stop (SIGTERM); ranks stop at a step boundary. A second Ctrl-C kills the whole job at once."""
+    env = {**os.environ, **plan.env}
+    # torchrun gets its own process group so a terminal's Ctrl-C reaches it once, through us.
+    child = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            child.send_signal(signum)
+        else:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        print(f"ringleader: stopped by {signal.Signals(received[0]).name}; run directory: {plan.run_dir}", file=sys.stderr)
+        return 128 + received[0]
+    return code

@@ -1,0 +1,33 @@
+"""Build the model from its config: ringleader's GPT, or a user's class or function by `_target_`."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import torch.nn as nn
+
+from launcher.schema import ModelConfig
+
+GPT_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+
+
+def model_factory(cfg: ModelConfig):
+    module, _, name = cfg._target_.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def model_kwargs(cfg: ModelConfig) -> dict:
+    if cfg._target_ == "trainer.model.GPT":
+        return {k: getattr(cfg, k) for k in GPT_FIELDS}
+    return dict(cfg.kwargs)
+
+
+def build_model(cfg: ModelConfig, *, device: str | None = None) -> nn.Module:
+    factory = model_factory(cfg)
+    if device is None:
+        return factory(**model_kwargs(cfg))
+    import torch
+
+    with torch.device(device):
+        return factory(**model_kwargs(cfg))

@@ -1,0 +1,110 @@
+"""Datasets and the resumable distributed sampler.
+
+The sampler's whole state is (epoch, samples consumed in the epoch, counted over all ranks): a
+resume restores it directly, in O(1), on any world size, instead of replaying the loader.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from launcher.schema import DataConfig
+from trainer import corpus
+
+
+class TokenWindows(Dataset):
+    """Windows of seq_len tokens from one flat token array; labels are the inputs shifted by one."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.seq_len
+        window = torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+        return window[:-1], window[1:]
+
+
+class SyntheticTokens(Dataset):
+    """Random tokens, the same for a given (seed, index) on every rank and every run."""
+
+    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int) -> None:
+        self.num_samples, self.seq_len, self.vocab_size, self.seed = num_samples, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        window = torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=g)
+        return window[:-1], window[1:]
+
+
+def read_bytes(split: corpus.Split) -> np.ndarray:
+    return np.frombuffer(b"".join(path.read_bytes() for path in split.files), dtype=np.uint8)
+
+
+def build_dataset(data: DataConfig, split: str, *, vocab_size: int, seed: int) -> Dataset:
+    if data._target_:
+        module, _, name = data._target_.rpartition(".")
+        factory = getattr(importlib.import_module(module), name)
+        return factory(split=split, seq_len=data.seq_len, **data.kwargs)
+    if data.name in ("pystdlib", "text_files"):
+        return TokenWindows(read_bytes(corpus.split_of(data, split)), data.seq_len)
+    if data.name == "tokens_bin":
+        path, start, stop = corpus.token_range(data, split)
+        return TokenWindows(np.memmap(path, dtype=np.dtype(data.token_dtype), mode="r")[start:stop], data.seq_len)
+    if data.name == "synthetic":
+        n = corpus.num_samples(data, split)
+        return SyntheticTokens(n, data.seq_len, vocab_size, seed + (0 if split == "train" else 1))
+    raise ValueError(f"unknown dataset {data.name}")
+
+
+class ResumableSampler(Sampler[int]):
+    """DistributedSampler's order (rank r takes every world_size-th index of one permutation) from
+    a given position. The permutation depends on (seed, epoch) only, not on the world size, and the
+    tail that does not fill an optimizer step is dropped, so every step sees the same samples on
+    any world size: global micro-batch k is perm[k*B*W : (k+1)*B*W]."""
+
+    def __init__(self, num_samples: int, *, usable: int, epoch: int, consumed: int, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
+        self.num_samples, self.usable, self.epoch, self.consumed = num_samples, usable, epoch, consumed
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.usable)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=g)[: self.usable]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.consumed + self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.consumed + self.rank, self.usable, self.world_size))
+
+
+def train_batches(dataset: Dataset, state, *, usable: int, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool) -> Iterator:
+    """Micro-batches forever, epoch after epoch, each epoch starting from the state's position as it
+    is when the epoch's first batch is asked for (the loop advances the state after each step)."""
+    while True:
+        sampler = ResumableSampler(len(dataset), usable=usable, epoch=state.epoch, consumed=state.consumed, rank=rank, world_size=world_size, seed=seed)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, drop_last=False, persistent_workers=False)
+        yield from loader
+
+
+def eval_batches(dataset: Dataset, *, batch_size: int, rank: int, world_size: int, max_batches: int) -> DataLoader:
+    """The validation split, every rank the same number of samples (sharded strategies need every
+    rank in every forward), at most world_size - 1 samples left out."""
+    per_rank = len(dataset) // world_size
+    if max_batches:
+        per_rank = min(per_rank, max_batches * batch_size)
+    indices = list(range(rank, per_rank * world_size, world_size))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False)

@@ -1,0 +1,88 @@
+"""The per-rank entry: init, build, train, close. `python -m trainer RUN_DIR` (torchrun starts it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from trainer.build import build_model
+from trainer.checkpoint import CheckpointManager
+from trainer.data import build_dataset
+from trainer.export import write_final
+from trainer.loop import LoopState, Trainer
+from trainer.metrics import MetricsLogger
+from trainer.runtime import close_runtime, init_runtime, load_run
+from trainer.strategies import build_strategy
+
+log = logging.getLogger("ringleader")
+
+
+@record
+def main(run_dir: Path) -> int:
+    cfg, plan = load_run(run_dir)
+    rt = init_runtime(run_dir, cfg, plan)
+    t = cfg.train
+    result: dict = {"status": "failed"}
+    try:
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        model = build_model(cfg.model)
+        strategy = build_strategy(cfg.strategy.name, cfg=cfg, device=rt.device)
+        strategy.setup(model, total_steps=plan["total_steps"], warmup_steps=plan["warmup_steps"])
+        torch.manual_seed(t.seed + rt.rank)  # dropout differs across ranks
+        train_set = build_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size, seed=t.seed)
+        eval_set = build_dataset(cfg.data, "validation", vocab_size=cfg.model.vocab_size, seed=t.seed) if t.eval_strategy != "no" else None
+
+        config_hash = hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest()[:16]
+        checkpoints = CheckpointManager(run_dir / "checkpoints", rank=rt.rank, world_size=rt.world_size, device=rt.device, save_total_limit=t.save_total_limit, config_hash=config_hash, process_group=rt.checkpoint_group)
+        checkpoints.clean_incomplete()
+        if dist.is_initialized():
+            dist.barrier()
+        state = LoopState()
+        if resume_from := checkpoints.resolve(t.resume):
+            state = LoopState(**checkpoints.load(resume_from, strategy)["loop"])
+            log.info("resumed from %s at step %d (epoch %d, %d samples into it)", resume_from, state.step, state.epoch, state.consumed)
+        metrics = MetricsLogger(run_dir, enabled=rt.is_main, total_steps=plan["total_steps"], tensorboard_dir=t.logging_dir, report_to=t.report_to, start_step=state.step)
+        if resume_from:
+            metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resume_from)})
+
+        trainer = Trainer(cfg=cfg, plan=plan, runtime=rt, strategy=strategy, train_set=train_set, eval_set=eval_set, checkpoints=checkpoints, metrics=metrics, state=state)
+        result = trainer.fit()
+        if t.load_best_model_at_end and state.best_step is not None and result["status"] != "stopped":
+            best = run_dir / "checkpoints" / f"step-{state.best_step}"
+            checkpoints.load(best, strategy)
+            log.info("loaded the best model (step %d, %s %.4g)", state.best_step, t.metric_for_best_model, state.best_metric)
+        if t.export_final and result["status"] != "stopped":
+            write_final(run_dir / "final", strategy, cfg, is_main=rt.is_main)
+        result.update(global_step=state.step, epoch=state.epoch, metrics={"train_loss": trainer.last_train_loss, **state.last_eval}, best_metric=state.best_metric, best_step=state.best_step, skipped_steps=state.skipped_steps)
+        metrics.close()
+        return 0
+    except BaseException as exc:
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rank": rt.rank}
+        log.exception("rank %d failed", rt.rank)
+        raise
+    finally:
+        if rt.is_main:
+            write_result(run_dir, result, rt.stop.name)
+        close_runtime(rt)
+
+
+def write_result(run_dir: Path, result: dict, signal_name: str) -> None:
+    """result.json, written last: sweeps and the launcher read it."""
+    result = {**result, "signal": signal_name or None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    result["metrics"] = {k: v for k, v in result.get("metrics", {}).items() if v is not None}
+    tmp = run_dir / ".result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(run_dir / "result.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

@@ -1,0 +1,62 @@
+"""Rank 0's record of the run: metrics.jsonl, TensorBoard, and the console (a progress bar on a
+terminal, plain lines otherwise). Files are appended to, so restarts continue them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ringleader")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, tensorboard_dir: str, report_to: list[str], start_step: int) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.tensorboard_dir = tensorboard_dir
+        self.use_tensorboard = enabled and "tensorboard" in report_to
+        self.writer = None  # created at the first event: importing TensorBoard costs ~1 s
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
+
+    def log(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        event = {"time": round(time.time(), 3), **event}
+        assert self.file is not None
+        self.file.write(json.dumps(event) + "\n")
+        self.file.flush()
+        if self.use_tensorboard:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(self.tensorboard_dir)
+            prefix = "eval" if any(k.startswith("eval_") for k in event) else "train"
+            for key, value in event.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):
+                    name = key.replace("eval_", "eval/") if key.startswith("eval_") else f"{prefix}/{key}"
+                    self.writer.add_scalar(name, value, event.get("step", 0))
+            self.writer.flush()
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items() if k != "time")
+        log.info(text)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
