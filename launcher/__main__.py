@@ -59,6 +59,9 @@ def parse_args(args: list[str]) -> tuple[list[str], list[str], str, bool]:
             raise SystemExit(error(f"unknown option {arg}; overrides are KEY=VALUE (see --help)"))
         elif "=" not in arg:
             raise SystemExit(error(f"'{arg}' is not an override; write KEY=VALUE, e.g. train.max_steps=100"))
+        elif any(c in arg for c in "\n\r\0"):
+            key = arg.split("=", 1)[0].lstrip("+~")
+            raise SystemExit(error(f"{key}: contains a newline or NUL character; remove it (values go into scripts)"))
         else:
             overrides.append(arg)
         i += 1
@@ -78,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.sweep import run_sweep
 
         return run_sweep(args)
-    overrides, config_dirs, config_name, show = parse_args(args)
+    try:
+        overrides, config_dirs, config_name, show = parse_args(args)
+    except SystemExit as exc:  # parse_args has printed the one-line error
+        return int(exc.code or 2)
 
     from launcher.compose import ConfigError, compose
 
