@@ -21,10 +21,15 @@ TOKEN_BYTES = {"uint8": 1, "uint16": 2, "int32": 4}
 
 @dataclass(frozen=True, kw_only=True)
 class Split:
-    """The files of one split, in order, and their total size in bytes."""
+    """A byte range [start, stop) of some files concatenated in order."""
 
     files: tuple[Path, ...]
-    nbytes: int
+    start: int
+    stop: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
 
 
 def pystdlib_files() -> list[Path]:
@@ -44,35 +49,51 @@ def text_files(patterns: list[str]) -> list[Path]:
     return sorted(files)
 
 
-def is_validation(path: Path, fraction: float) -> bool:
-    """A file belongs to the validation split by a hash of its name: stable across machines and runs."""
-    return zlib.crc32(path.name.encode() + str(path.parent.name).encode()) % 10_000 < fraction * 10_000
+def shuffled(files: list[Path]) -> list[Path]:
+    """A fixed pseudo-random order (by a hash of each name): a cap on bytes then takes a mix of
+    modules rather than the alphabet's first, the same on every machine and every rank."""
+    return sorted(files, key=lambda p: (zlib.crc32(p.as_posix().encode()), p.as_posix()))
 
 
 def file_splits(files: list[Path], data: DataConfig) -> dict[str, Split]:
-    """Take files in order until `max_bytes`, then split them into train and validation."""
-    chosen: list[tuple[Path, int]] = []
+    """The files' bytes in order, capped at `max_bytes`; validation is the last
+    `validation_fraction` of them, training the rest. Sizes come from stat alone."""
+    chosen: list[Path] = []
     total = 0
     for path in files:
         size = path.stat().st_size
         if size == 0:
             continue
-        chosen.append((path, size))
+        chosen.append(path)
         total += size
         if data.max_bytes and total >= data.max_bytes:
+            total = data.max_bytes
             break
-    out: dict[str, list[tuple[Path, int]]] = {"train": [], "validation": []}
-    for path, size in chosen:
-        out["validation" if is_validation(path, data.validation_fraction) else "train"].append((path, size))
-    return {k: Split(files=tuple(p for p, _ in v), nbytes=sum(s for _, s in v)) for k, v in out.items()}
+    n_val = int(total * data.validation_fraction)
+    return {
+        "train": Split(files=tuple(chosen), start=0, stop=total - n_val),
+        "validation": Split(files=tuple(chosen), start=total - n_val, stop=total),
+    }
 
 
 def split_of(data: DataConfig, split: str) -> Split:
     if data.name == "pystdlib":
-        return file_splits(pystdlib_files(), data)[split]
+        root = Path(sysconfig.get_paths()["stdlib"])
+        return file_splits([root / p for p in shuffled([p.relative_to(root) for p in pystdlib_files()])], data)[split]
     if data.name == "text_files":
-        return file_splits(text_files(data.paths), data)[split]
+        return file_splits(shuffled(text_files(data.paths)), data)[split]
     raise ValueError(f"data {data.name} has no file splits")
+
+
+def read_split(split: Split) -> bytes:
+    """The split's bytes: the files concatenated, from start to stop."""
+    parts, have = [], 0
+    for path in split.files:
+        if have >= split.stop:
+            break
+        parts.append(path.read_bytes())
+        have += len(parts[-1])
+    return b"".join(parts)[split.start : split.stop]
 
 
 def token_range(data: DataConfig, split: str) -> tuple[Path, int, int]:

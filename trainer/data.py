@@ -49,7 +49,7 @@ class SyntheticTokens(Dataset):
 
 
 def read_bytes(split: corpus.Split) -> np.ndarray:
-    return np.frombuffer(b"".join(path.read_bytes() for path in split.files), dtype=np.uint8)
+    return np.frombuffer(corpus.read_split(split), dtype=np.uint8)
 
 
 def build_dataset(data: DataConfig, split: str, *, vocab_size: int, seed: int) -> Dataset:

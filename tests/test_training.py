@@ -1,0 +1,169 @@
+"""Real torchrun jobs on gloo through `python -m launcher`, read back from the run directory."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY, launcher_env, run_launcher
+
+
+def rel_close(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs().max().item()
+        scale = max(a[k].double().abs().max().item(), 1e-12)
+        assert diff / scale <= tol, f"{k}: relative difference {diff / scale:.3g} > {tol}"
+
+
+def test_job_trains_and_fills_the_run_directory(tmp_path):
+    run = run_launcher(tmp_path / "run", *TINY, "train.max_steps=30", "train.logging_steps=5", "train.eval_strategy=steps", "train.eval_steps=15", "optimizer.learning_rate=3e-3", "scheduler=constant_with_warmup")
+    d = run.run_dir
+    for name in ("config.yaml", "plan.json", "metrics.jsonl", "result.json", "logs/rank-0.log", "logs/rank-1.log", "final/model.safetensors", "final/config.yaml"):
+        assert (d / name).is_file(), name
+    assert list((d / "tensorboard").glob("events.out.tfevents.*"))
+    result = run.result()
+    assert result["status"] == "completed" and result["global_step"] == 30
+    train = [m for m in run.metrics() if "loss" in m]
+    evals = [m for m in run.metrics() if "eval_loss" in m]
+    assert [m["step"] for m in train] == [1, 5, 10, 15, 20, 25, 30]
+    assert [m["step"] for m in evals] == [15, 30]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0  # from ~ln(256)=5.5 nats per byte, down
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert result["metrics"]["eval_loss"] == evals[-1]["eval_loss"]
+    for key in ("learning_rate", "grad_norm", "tokens_per_s", "epoch", "step_time_s", "slowest_rank"):
+        assert key in train[-1]
+    assert "[rank 1]" in (d / "logs" / "rank-1.log").read_text()
+    assert "[rank 1]" not in run.proc.stdout and "rank 1/2" not in run.proc.stdout  # only rank 0 on the console
+    assert "ringleader plan" in run.proc.stdout and "completed after 30 steps" in run.proc.stdout
+
+
+# SGD: 1e-6. AdamW divides by sqrt(v): on parameters whose gradients are near zero (biases) it
+# turns the last-bit differences of another summation order into ~1e-5 relative ones.
+OPTIMIZERS = [(["optimizer=sgd", "optimizer.learning_rate=0.5"], 1e-6), (["optimizer=adamw"], 1e-4)]
+
+
+@pytest.mark.parametrize(("optimizer", "tol"), OPTIMIZERS, ids=["sgd", "adamw"])
+def test_two_ranks_equal_one_rank_with_double_batch(optimizer, tol, tmp_path):
+    """DDP: 2 ranks with batch B end with the weights of 1 rank with batch 2B (fp32, CPU)."""
+    two = run_launcher(tmp_path / "two", *TINY, *optimizer, "train.per_device_train_batch_size=4", "cluster.nproc_per_node=2")
+    one = run_launcher(tmp_path / "one", *TINY, *optimizer, "train.per_device_train_batch_size=8", "cluster.nproc_per_node=1")
+    assert two.plan()["effective_batch_size"] == one.plan()["effective_batch_size"] == 8
+    rel_close(two.weights(), one.weights(), tol)
+    if tol > 1e-6:
+        return
+    untrained = run_launcher(tmp_path / "short", *TINY, *optimizer, "train.max_steps=1", "cluster.nproc_per_node=1", "train.per_device_train_batch_size=8")
+    with pytest.raises(AssertionError):  # the comparison can fail: weights do move
+        rel_close(untrained.weights(), one.weights(), 1e-6)
+
+
+@pytest.mark.parametrize(("optimizer", "tol"), OPTIMIZERS, ids=["sgd", "adamw"])
+def test_accumulation_equals_one_larger_batch(optimizer, tol, tmp_path):
+    acc = run_launcher(tmp_path / "acc", *TINY, *optimizer, "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2")
+    big = run_launcher(tmp_path / "big", *TINY, *optimizer, "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1")
+    rel_close(acc.weights(), big.weights(), tol)
+    a = [m["loss"] for m in acc.metrics() if "loss" in m]
+    b = [m["loss"] for m in big.metrics() if "loss" in m]
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant_with_warmup"])
+def test_learning_rate_schedule_matches_transformers(schedule, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run = run_launcher(tmp_path / "run", *TINY, f"scheduler={schedule}", "train.max_steps=12", "scheduler.warmup_steps=0", "scheduler.warmup_ratio=0.25", "optimizer.learning_rate=0.01", "cluster.nproc_per_node=1")
+    plan = run.plan()
+    assert plan["warmup_steps"] == 3
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.01)
+    sched = transformers.get_scheduler(schedule, opt, num_warmup_steps=plan["warmup_steps"], num_training_steps=plan["total_steps"])
+    expected = []
+    for _ in range(plan["total_steps"]):
+        expected.append(opt.param_groups[0]["lr"])  # the rate the step uses
+        opt.step()
+        sched.step()
+    logged = {m["step"]: m["learning_rate"] for m in run.metrics() if "learning_rate" in m}
+    # metrics log the rate after the step's scheduler update, as Trainer does
+    for step, lr in logged.items():
+        after = expected[step] if step < len(expected) else 0.0 if schedule != "constant_with_warmup" else 0.01
+        assert lr == pytest.approx(after, rel=1e-9, abs=1e-12), step
+
+
+def test_epochs_plan_and_early_stopping(tmp_path):
+    run = run_launcher(
+        tmp_path / "run", *TINY, "train.max_steps=-1", "train.num_train_epochs=2", "data.max_bytes=60000",
+        "train.eval_strategy=steps", "train.eval_steps=2", "train.early_stopping_patience=2", "train.early_stopping_threshold=100",
+    )
+    result = run.result()
+    assert result["status"] == "early_stopped"
+    evals = [m for m in run.metrics() if "eval_loss" in m]
+    assert len(evals) == 3 and result["global_step"] == 6  # the first sets the best; two more without a 100-nat gain
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
+    plain = run_launcher(tmp_path / "plain", *TINY, "cluster.nproc_per_node=1")
+    ckpt = run_launcher(tmp_path / "ckpt", *TINY, "cluster.nproc_per_node=1", "train.gradient_checkpointing=true")
+    rel_close(plain.weights(), ckpt.weights(), 1e-6)
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    run = run_launcher(tmp_path / "run", *TINY, "train.bf16=true", "train.max_steps=12", "optimizer.learning_rate=3e-3")
+    losses = [m["loss"] for m in run.metrics() if "loss" in m]
+    assert run.plan()["precision"] == "bf16" and losses[-1] < losses[0]
+
+
+def test_nonfinite_loss_stops_naming_step_and_rank_or_is_skipped(tmp_path):
+    boom = ["optimizer=sgd", "optimizer.learning_rate=1e12", "optimizer.momentum=0", "train.max_grad_norm=0", "train.max_steps=6"]
+    run = run_launcher(tmp_path / "err", *TINY, *boom, check=False)
+    assert run.code != 0
+    result = run.result()
+    assert result["status"] == "failed" and "non-finite" in result["error"]
+    assert "at step" in result["error"] and "rank" in result["error"]
+    assert "train.nonfinite=skip" in result["error"]
+    skipped = run_launcher(tmp_path / "skip", *TINY, *boom, "train.nonfinite=skip")
+    assert skipped.result()["skipped_steps"] >= 1 and skipped.result()["status"] == "completed"
+
+
+def test_user_model_and_dataset_through_config_dir(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "data").mkdir()
+    (conf / "model" / "bigram.yaml").write_text("name: bigram\n_target_: tests.user_code.Bigram\nkwargs:\n  vocab: 256\n")
+    (conf / "data" / "counting.yaml").write_text("name: counting\n_target_: tests.user_code.counting_dataset\nnum_samples: 256\nkwargs:\n  period: 7\n")
+    run = run_launcher(tmp_path / "run", "--config-dir", str(conf), "model=bigram", "data=counting", *TINY[5:], "train.max_steps=20", "optimizer.learning_rate=0.05")
+    losses = [m["loss"] for m in run.metrics() if "loss" in m]
+    assert losses[-1] < losses[0] - 0.5
+    assert set(run.weights()) == {"table.weight"}
+
+
+def test_text_files_dataset(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"doc{i}.txt").write_text(("the quick brown fox jumps over the lazy dog. " * 40) + f"{i}\n")
+    run = run_launcher(tmp_path / "run", *TINY, "data=text_files", f"data.paths=[{corpus}/*.txt]", "data.seq_len=32", "data.max_bytes=0", "train.max_steps=10")
+    assert run.plan()["train_samples"] > 0 and run.result()["status"] == "completed"
+
+
+def test_ctrl_c_stops_every_rank_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "launcher", *TINY, "train.max_steps=100000", "train.logging_steps=1", f"train.output_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, out
+    result = __import__("json").loads((run_dir / "result.json").read_text())
+    assert result["status"] == "stopped", out
+    assert list((run_dir / "checkpoints").glob("step-*/COMPLETE")), "a stop saves a checkpoint to resume from"
+    left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
