@@ -12,19 +12,14 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.errors import ConfigError
 from launcher.paths import config_dir
 from launcher.schema import RunConfig
 
 
-class ConfigError(ValueError):
-    """Bad input: the message names the key and the fix, on one line."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
-
-
 def register_schema() -> None:
+    """The schema at the root of conf/config.yaml's defaults: Hydra merges every group into it, so
+    an unknown key or a wrong type fails composition with the key's full name."""
     ConfigStore.instance().store(name="base_config", node=RunConfig)
 
 

@@ -7,7 +7,10 @@ reads the same files through the same functions, so the two always agree.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
+import sys
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -32,14 +35,33 @@ class Split:
         return self.stop - self.start
 
 
-def pystdlib_files() -> list[Path]:
-    """The standard library's .py files, sorted by relative path: the same list on every rank."""
+def pystdlib_files() -> list[tuple[str, int]]:
+    """The standard library's .py files (relative path, size), sorted: the same list on every rank.
+    Walking and stat-ing ~2,000 files costs ~0.2 s, so the list is cached per Python install (the
+    standard library does not change under it) to keep the launcher's dry run fast."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
+    key = hashlib.sha1(f"{root}|{sys.version}|{root.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ringleader" / f"pystdlib-{key}.json"
+    try:
+        return [(p, n) for p, n in json.loads(cache.read_text())]
+    except (OSError, ValueError):
+        pass
+    found: list[tuple[str, int]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                path = Path(dirpath) / name
+                found.append((path.relative_to(root).as_posix(), path.stat().st_size))
+    found.sort()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(found))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home: no cache, same answer
+    return found
 
 
 def text_files(patterns: list[str]) -> list[Path]:
@@ -49,19 +71,18 @@ def text_files(patterns: list[str]) -> list[Path]:
     return sorted(files)
 
 
-def shuffled(files: list[Path]) -> list[Path]:
+def shuffled(files: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
     """A fixed pseudo-random order (by a hash of each name): a cap on bytes then takes a mix of
     modules rather than the alphabet's first, the same on every machine and every rank."""
-    return sorted(files, key=lambda p: (zlib.crc32(p.as_posix().encode()), p.as_posix()))
+    return sorted(files, key=lambda f: (zlib.crc32(f[0].as_posix().encode()), f[0].as_posix()))
 
 
-def file_splits(files: list[Path], data: DataConfig) -> dict[str, Split]:
+def file_splits(files: list[tuple[Path, int]], data: DataConfig) -> dict[str, Split]:
     """The files' bytes in order, capped at `max_bytes`; validation is the last
     `validation_fraction` of them, training the rest. Sizes come from stat alone."""
     chosen: list[Path] = []
     total = 0
-    for path in files:
-        size = path.stat().st_size
+    for path, size in files:
         if size == 0:
             continue
         chosen.append(path)
@@ -79,9 +100,10 @@ def file_splits(files: list[Path], data: DataConfig) -> dict[str, Split]:
 def split_of(data: DataConfig, split: str) -> Split:
     if data.name == "pystdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        return file_splits([root / p for p in shuffled([p.relative_to(root) for p in pystdlib_files()])], data)[split]
+        ordered = shuffled([(Path(p), n) for p, n in pystdlib_files()])
+        return file_splits([(root / p, n) for p, n in ordered], data)[split]
     if data.name == "text_files":
-        return file_splits(shuffled(text_files(data.paths)), data)[split]
+        return file_splits(shuffled([(p, p.stat().st_size) for p in text_files(data.paths)]), data)[split]
     raise ValueError(f"data {data.name} has no file splits")
 
 

@@ -1,0 +1,76 @@
+"""The hand-written baseline: the same GPT, data and optimizer as ringleader's default job, in the
+plainest DDP loop (torchrun script). Prints the wall time from step `--from-step` to the last.
+
+    torchrun --nproc_per_node=2 benchmarks/plain_loop.py --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from launcher.schema import DataConfig
+from trainer import corpus
+from trainer.data import TokenWindows
+from trainer.model import GPT
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--from-step", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--first-step-only", action="store_true")
+    args = p.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    torch.manual_seed(42)
+    model = GPT(vocab_size=256, block_size=128, n_layer=6, n_head=4, n_embd=128)
+    ddp = DDP(model) if world > 1 else model
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), foreach=True)
+    data = DataConfig(max_bytes=8_000_000)
+    tokens = np.frombuffer(corpus.read_split(corpus.split_of(data, "train")), dtype=np.uint8)
+    dataset = TokenWindows(tokens, 128)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=42, drop_last=True)
+    loader = iter(DataLoader(dataset, batch_size=args.batch, sampler=sampler, drop_last=True))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    marks = {}
+    for step in range(1, args.steps + 1):
+        x, y = next(loader)
+        loss = ddp(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step in (1, args.from_step, args.steps):
+            loss.item()
+            marks[step] = time.time()
+        if args.first_step_only:
+            break
+    if rank == 0:
+        print("PLAIN " + json.dumps({str(k): v for k, v in marks.items()}), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
