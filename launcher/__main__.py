@@ -100,19 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     return launch(composed)
 
 
-def launch(composed, *, quiet: bool = False) -> int:
-    """Validate, plan, print, write the run directory and start the backend; the one path for a
-    single run and for each trial of a sweep."""
-    from launcher.compose import ConfigError
-    from launcher.prepare import prepare
+def launch(composed) -> int:
+    from launcher.errors import ConfigError
 
     try:
-        prepared = prepare(composed)
+        return start(composed)
     except ConfigError as exc:
         return error(str(exc))
+
+
+def start(composed) -> int:
+    """Validate, plan, print, write the run directory and start the backend: the one path for a
+    single run and for each trial of a sweep. Raises ConfigError before anything is written."""
+    from launcher.prepare import prepare
+
+    prepared = prepare(composed)
     plan, cfg = prepared.plan, prepared.config
-    if not quiet:
-        print(prepared.text, flush=True)
+    print(prepared.text, flush=True)
     if cfg.dry_run:
         return 0
     from launcher.rundir import write_run_dir
