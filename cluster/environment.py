@@ -25,7 +25,8 @@ class Environment:
     node_rank: int = 0
     nnodes: int = 1
     restart_count: int = 0
-    job_id: str = ""
+    job_id: str = ""  # SLURM's job id, when the process runs in a SLURM job
+    requeue_count: int = 0  # SLURM_RESTART_COUNT: how many times SLURM requeued the job
 
     @classmethod
     def detect(cls, environ: Mapping[str, str]) -> "Environment | None":
@@ -47,6 +48,7 @@ class TorchrunEnvironment(Environment):
         "local_world_size": "LOCAL_WORLD_SIZE",
         "node_rank": "GROUP_RANK",
         "restart_count": "TORCHELASTIC_RESTART_COUNT",
+        "requeue_count": "SLURM_RESTART_COUNT",  # a torchrun inside a SLURM job
     }
 
     @classmethod
@@ -69,8 +71,12 @@ class SlurmEnvironment(Environment):
         "node_rank": "SLURM_NODEID",
         "nnodes": "SLURM_NNODES",
         "restart_count": "SLURM_RESTART_COUNT",
+        "requeue_count": "SLURM_RESTART_COUNT",
+        "step_tasks": "SLURM_STEP_NUM_TASKS",  # set for srun's tasks, not for the batch script
     }
     nodelist: str = ""
+    step_nodelist: str = ""  # the nodes of this srun step (a subset of the job's, or all of them)
+    step_tasks: int = 0
 
     @classmethod
     def detect(cls, environ: Mapping[str, str]) -> "SlurmEnvironment | None":
@@ -82,6 +88,7 @@ class SlurmEnvironment(Environment):
             name="slurm",
             job_id=environ["SLURM_JOB_ID"],
             nodelist=environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST", "")),
+            step_nodelist=environ.get("SLURM_STEP_NODELIST", ""),
             **values,
         )
 

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from launcher.compose import ConfigError, compose
 
+    from cluster.slurm import allocation_overrides
+
+    overrides += allocation_overrides(overrides)  # `srun python -m launcher ...` inside an allocation
     try:
         composed = compose(overrides, config_dirs=config_dirs, config_name=config_name)
     except ConfigError as exc:
@@ -116,11 +119,21 @@ def start(composed) -> int:
 
     prepared = prepare(composed)
     plan, cfg = prepared.plan, prepared.config
-    print(prepared.text, flush=True)
+    from cluster.slurm import allocation_task
+
+    task = allocation_task() if cfg.cluster.name == "slurm" else None  # one of `srun python -m launcher`'s tasks
+    if task is None or task.rank == 0:
+        print(prepared.text, flush=True)
     if cfg.dry_run:
         return 0
     from launcher.rundir import write_run_dir
 
+    if task is not None:
+        from cluster.slurm import run_task
+
+        if task.rank == 0:
+            write_run_dir(Path(plan.run_dir), prepared.resolved, plan.to_dict())
+        return run_task(cfg, plan, task)
     write_run_dir(Path(plan.run_dir), prepared.resolved, plan.to_dict())
     if cfg.cluster.name == "local":
         from cluster.local import spawn

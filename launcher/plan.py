@@ -4,6 +4,7 @@ reading dataset sizes, no processes, no files written."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shlex
 import sys
@@ -11,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.environment import Host
-from launcher.compose import ConfigError
+from launcher.errors import ConfigError
+from launcher.deepspeed_config import deepspeed_config, is_deepspeed, validate_strategy
+from launcher.memory import plan_memory
 from launcher.schema import HwConfig, RunConfig
 from trainer import corpus
 
@@ -43,8 +46,9 @@ class Plan:
     env: dict[str, str] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)
     script: str = ""  # the sbatch script, for cluster=slurm
-    memory: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)  # GB per rank (launcher/memory.py)
     warnings: list[str] = field(default_factory=list)
+    deepspeed: dict = field(default_factory=dict)  # the derived DeepSpeed config, zero* strategies
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +132,11 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
         tokens_per_step=effective * cfg.data.seq_len,
         env=env,
     )
+    validate_strategy(cfg)
+    if is_deepspeed(cfg):
+        plan.deepspeed = deepspeed_config(cfg, world_size=world)
+    plan.memory, memory_warnings = plan_memory(cfg, world_size=world)
+    plan.warnings.extend(memory_warnings)
     if cfg.cluster.name == "local":
         from cluster.local import torchrun_command
 
@@ -137,6 +146,10 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
 
         plan.command, plan.script = render_job(cfg, plan, python=sys.executable)
     return plan
+
+
+def format_gb(gb: float) -> str:
+    return f"{gb:.3g} GB" if gb >= 0.1 else f"{gb * 1e3:.3g} MB"
 
 
 def render_plan(plan: Plan, cfg: RunConfig) -> str:
@@ -153,11 +166,15 @@ def render_plan(plan: Plan, cfg: RunConfig) -> str:
         ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g}, {cfg.scheduler.name} schedule"),
     ]
     if plan.memory:
-        rows.append(("memory/rank", ", ".join(f"{k} {v:.3g} GB" for k, v in plan.memory.items())))
+        mem = dict(plan.memory)
+        count = mem.pop("num_parameters", 0.0)
+        rows.append(("memory/rank", f"{count / 1e6:.4g} M parameters; " + ", ".join(f"{k.replace('_', ' ')} {format_gb(v)}" for k, v in mem.items())))
     width = max(len(k) for k, _ in rows)
     lines = ["ringleader plan"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"  warning: {w}" for w in plan.warnings]
     lines.append(f"  command  {plan.command_line}")
+    if plan.deepspeed:
+        lines += ["  deepspeed config:", *("    " + line for line in json.dumps(plan.deepspeed, indent=2).splitlines())]
     if plan.script:
         lines += ["  sbatch script:", *("    " + line for line in plan.script.splitlines())]
     return "\n".join(lines)

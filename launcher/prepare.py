@@ -35,7 +35,7 @@ def prepare(composed: Composed) -> Prepared:
     )
     validate_hardware(cfg, host)
     if run_dir.exists() and not run_dir.is_dir():
-        from launcher.compose import ConfigError
+        from launcher.errors import ConfigError
 
         raise ConfigError("train.output_dir", f"{run_dir} exists and is not a folder; choose another train.output_dir")
     plan = plan_run(cfg, host, run_dir)

@@ -82,6 +82,10 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Warm start: a consolidated model.safetensors (final/ of any earlier run, whatever its
+    # strategy and world size) loaded into the model before it is wrapped. A checkpoint found by
+    # train.resume wins over it.
+    init_from: str = ""
 
 
 @dataclass(kw_only=True)
@@ -149,6 +153,7 @@ class TrainConfig:
     eval_strategy: str = "no"  # no | steps | epoch
     eval_steps: int = 0  # 0: logging_steps, as in transformers
     eval_max_batches: int = 0  # 0: the whole validation split
+    eval_on_start: bool = False  # evaluate before the first step (a baseline; not tracked as best)
     save_strategy: str = "no"  # no | steps | epoch
     save_steps: int = 500
     save_total_limit: int = 0  # 0: keep all

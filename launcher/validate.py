@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from cluster.environment import Host
-from launcher.compose import ConfigError
+from launcher.errors import ConfigError
 from launcher.schema import RunConfig
 
 OPTIMIZERS = ("adamw", "sgd", "paged_adamw_32bit", "paged_adamw_8bit")
@@ -90,6 +90,7 @@ def validate_config(cfg: RunConfig) -> None:
     require(t.metric_for_best_model.startswith("eval_") or t.metric_for_best_model in ("loss", "eval_loss"), "train.metric_for_best_model", f"'{t.metric_for_best_model}' is not an eval metric; use eval_loss or another eval_* key")
     require(t.resume in ("auto", "none") or Path(t.resume).exists(), "train.resume", f"no checkpoint at '{t.resume}'; give auto, none, or an existing checkpoint folder")
 
+    require(not m.init_from or Path(m.init_from).expanduser().is_file(), "model.init_from", f"no file at '{m.init_from}'; give a model.safetensors, e.g. <run>/final/model.safetensors")
     if not m._target_ or m._target_ == "trainer.model.GPT":
         require(m.n_layer >= 1, "model.n_layer", f"must be >= 1, got {m.n_layer}")
         require(m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}; change one of them")

@@ -110,6 +110,8 @@ def test_epochs_plan_and_early_stopping(tmp_path):
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
     plain = run_launcher(tmp_path / "plain", *TINY, "cluster.nproc_per_node=1")
     ckpt = run_launcher(tmp_path / "ckpt", *TINY, "cluster.nproc_per_node=1", "train.gradient_checkpointing=true")
+    assert "gradient checkpointing on" in (ckpt.run_dir / "logs" / "rank-0.log").read_text()
+    assert "gradient checkpointing on" not in (plain.run_dir / "logs" / "rank-0.log").read_text()
     rel_close(plain.weights(), ckpt.weights(), 1e-6)
 
 

@@ -96,7 +96,11 @@ def train_batches(dataset: Dataset, state, *, usable: int, batch_size: int, rank
     is when the epoch's first batch is asked for (the loop advances the state after each step)."""
     while True:
         sampler = ResumableSampler(len(dataset), usable=usable, epoch=state.epoch, consumed=state.consumed, rank=rank, world_size=world_size, seed=seed)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, drop_last=False, persistent_workers=False)
+        # A generator of its own: a DataLoader draws its workers' base seed from the global RNG
+        # otherwise, each time it starts, and a resume (which starts one mid-epoch) would shift the
+        # dropout stream and break bit-identical resume.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + state.epoch)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, drop_last=False, persistent_workers=False, generator=generator)
         yield from loader
 
 

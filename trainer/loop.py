@@ -22,6 +22,7 @@ import torch.distributed as dist
 from launcher.schema import RunConfig
 from trainer.checkpoint import CheckpointManager
 from trainer.data import eval_batches, train_batches
+from trainer.faults import fault_point
 from trainer.metrics import MetricsLogger
 from trainer.runtime import Runtime
 from trainer.strategies import Strategy
@@ -90,6 +91,8 @@ class Trainer:
             self.train_set, s, usable=self.usable, batch_size=t.per_device_train_batch_size, rank=rt.rank,
             world_size=rt.world_size, seed=t.seed, num_workers=self.cfg.data.num_workers, pin_memory=rt.device.type == "cuda",
         )
+        if t.eval_on_start and s.step == 0 and t.eval_strategy != "no":
+            self.metrics.log({"step": 0, "epoch": 0.0, **self.evaluate()})
         window = Window()
         started = time.perf_counter()
         just_saved = just_evaluated = False
@@ -110,6 +113,7 @@ class Trainer:
             if epoch_ended:
                 s.epoch, s.consumed = s.epoch + 1, 0
 
+            fault_point("step", s.step, rt.rank)  # tests only: RINGLEADER_FAULT (trainer/faults.py)
             # One small collective a step: a stop request on any rank, a non-finite loss on any rank.
             stop, nonfinite = all_reduce([float(bool(rt.stop.signum)), float(not torch.isfinite(local_loss))], dist.ReduceOp.MAX if dist.is_initialized() else None)
             if nonfinite or (result.skipped and self.strategy.precision != "fp16"):

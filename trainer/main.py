@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from cluster.slurm import stop_status
 from trainer.build import build_model
 from trainer.checkpoint import CheckpointManager
 from trainer.data import build_dataset
@@ -22,6 +24,8 @@ from trainer.loop import LoopState, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.runtime import close_runtime, init_runtime, load_run
 from trainer.strategies import build_strategy
+from trainer.strategies.base import enable_gradient_checkpointing
+from trainer.watchdog import Watchdog, is_collective_timeout, name_stalled_ranks
 
 log = logging.getLogger("ringleader")
 
@@ -35,6 +39,11 @@ def main(run_dir: Path) -> int:
     try:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_model(cfg.model)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+            log.info("gradient checkpointing on: activations of each transformer block are recomputed in backward")
+        if cfg.model.init_from:  # warm start, before any wrapping: works from any strategy and world size
+            model.load_state_dict(load_file(cfg.model.init_from))
         strategy = build_strategy(cfg.strategy.name, cfg=cfg, device=rt.device)
         strategy.setup(model, total_steps=plan["total_steps"], warmup_steps=plan["warmup_steps"])
         torch.manual_seed(t.seed + rt.rank)  # dropout differs across ranks
@@ -47,13 +56,16 @@ def main(run_dir: Path) -> int:
         if dist.is_initialized():
             dist.barrier()
         state = LoopState()
-        if resume_from := checkpoints.resolve(t.resume):
-            state = LoopState(**checkpoints.load(resume_from, strategy)["loop"])
+        resume_from = None
+        if restored := checkpoints.restore(t.resume, strategy):
+            resume_from, saved = restored
+            state = LoopState(**saved["loop"])
             log.info("resumed from %s at step %d (epoch %d, %d samples into it)", resume_from, state.step, state.epoch, state.consumed)
         metrics = MetricsLogger(run_dir, enabled=rt.is_main, total_steps=plan["total_steps"], tensorboard_dir=t.logging_dir, report_to=t.report_to, start_step=state.step)
         if resume_from:
             metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resume_from)})
 
+        Watchdog(rt.stop, state, rank=rt.rank, log_file=run_dir / "logs" / f"rank-{rt.rank}.log").start()  # ends this rank if it stalls after SIGTERM
         trainer = Trainer(cfg=cfg, plan=plan, runtime=rt, strategy=strategy, train_set=train_set, eval_set=eval_set, checkpoints=checkpoints, metrics=metrics, state=state)
         result = trainer.fit()
         if t.load_best_model_at_end and state.best_step is not None and result["status"] != "stopped":
@@ -66,11 +78,19 @@ def main(run_dir: Path) -> int:
         metrics.close()
         return 0
     except BaseException as exc:
-        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rank": rt.rank}
+        stalled = None
+        if rt.world_size > 1 and is_collective_timeout(exc):  # find and name the rank that stalled
+            stalled = name_stalled_ranks(exc, rank=rt.rank, group=rt.checkpoint_group, timeout_s=min(t.ddp_timeout, 10))
+        result = {"status": "failed", "error": f"{type(stalled or exc).__name__}: {stalled or exc}", "rank": rt.rank}
         log.exception("rank %d failed", rt.rank)
+        if stalled is not None:
+            log.error("%s: %s", type(stalled).__name__, stalled)
+            raise stalled from exc
         raise
     finally:
         if rt.is_main:
+            # In a SLURM job, a stop by USR2 (the time limit is near) asks for a requeue, up to a cap.
+            result = stop_status(result, signal_name=rt.stop.name, job_id=rt.env.job_id, restarts=rt.env.requeue_count, max_requeues=cfg.cluster.max_requeues)
             write_result(run_dir, result, rt.stop.name)
         close_runtime(rt)
 

@@ -114,8 +114,9 @@ def init_runtime(run_dir: Path, cfg: RunConfig, plan: dict) -> Runtime:
     if env.world_size > 1:
         timeout = datetime.timedelta(seconds=cfg.train.ddp_timeout)
         dist.init_process_group(backend=plan["backend"], timeout=timeout, device_id=device if device.type == "cuda" else None)
-        # Checkpoint collectives (and an asynchronous save's thread) use a gloo group of their own.
-        group = dist.new_group(backend="gloo", timeout=timeout) if plan["backend"] != "gloo" or cfg.train.save_async else None
+        # Checkpoint collectives (and an asynchronous save's thread) use a gloo group of their own;
+        # after a collective timed out on the default group, it still works to name the stalled rank.
+        group = dist.new_group(backend="gloo", timeout=timeout)
     log.info(
         "rank %d/%d on %s (%s, restart %d), device %s",
         env.rank, env.world_size, os.uname().nodename, env.name, env.restart_count, device,

@@ -1,0 +1,199 @@
+"""Verbs that act on an existing run directory: `python -m launcher VERB RUN_DIR ...`.
+
+One function per verb in VERBS; each returns the exit code. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def error(message: str) -> int:
+    print(f"ringleader: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_dir_arg(args: list[str], verb: str) -> Path | None:
+    if not args or args[0].startswith("-"):
+        error(f"{verb} needs a run directory: python -m launcher {verb} RUN_DIR")
+        return None
+    run_dir = Path(args[0]).expanduser().resolve()
+    if not (run_dir / "config.yaml").is_file():
+        error(f"{run_dir} is not a ringleader run directory (no config.yaml); give the train.output_dir of a run")
+        return None
+    return run_dir
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def last_step(run_dir: Path) -> int | None:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            step = json.loads(line).get("step")
+        except ValueError:
+            continue
+        if isinstance(step, int):
+            return step
+    return None
+
+
+def status(args: list[str]) -> int:
+    """The run's state: the SLURM job's (if it was submitted), its last step, its result."""
+    run_dir = run_dir_arg(args, "status")
+    if run_dir is None:
+        return 2
+    from cluster.slurm import job_info, read_job
+
+    plan = read_json(run_dir / "plan.json")
+    result = read_json(run_dir / "result.json")
+    rows = [("run directory", str(run_dir)), ("where", f"{plan.get('cluster', '?')}: {plan.get('nodes', '?')} node(s) x {plan.get('nproc_per_node', '?')}")]
+    job_id = read_job(run_dir)
+    if job_id:
+        info = job_info(job_id)
+        if info:
+            reason = info.get("Reason", "None")
+            state = info["JobState"] + (f" ({reason})" if reason not in ("None", "") else "")
+            rows += [("job", f"{job_id} {state}, restarts {info.get('Restarts', '0')}, run time {info.get('RunTime', '?')} of {info.get('TimeLimit', '?')}, nodes {info.get('NodeList', '?')}")]
+        else:
+            rows += [("job", f"{job_id} (no longer known to slurmctld)")]
+    step = last_step(run_dir)
+    rows.append(("step", f"{step if step is not None else 0} of {plan.get('total_steps', '?')}"))
+    if result:
+        text = result.get("status", "?")
+        if result.get("requeue"):
+            text += ", requeue asked"
+        if result.get("message") or result.get("error"):
+            text += f": {result.get('message') or result.get('error')}"
+        rows.append(("result", text))
+    else:
+        rows.append(("result", "none yet (running, pending, or ended before writing result.json)"))
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*/COMPLETE"), key=lambda p: int(p.parent.name.split("-")[1]) if p.parent.name.split("-")[1].isdigit() else -1)
+    if checkpoints:
+        rows.append(("checkpoint", str(checkpoints[-1].parent)))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    return 0
+
+
+def logs(args: list[str]) -> int:
+    """A rank's log (rank 0 by default; --rank N), or the batch script's (--slurm); -f follows it."""
+    run_dir = run_dir_arg(args, "logs")
+    if run_dir is None:
+        return 2
+    rank, follow, batch = 0, False, False
+    rest = args[1:]
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-f", "--follow"):
+            follow = True
+        elif arg == "--slurm":
+            batch = True
+        elif arg == "--rank" and rest and rest[0].isdigit():
+            rank = int(rest.pop(0))
+        else:
+            return error(f"logs: unknown argument {arg}; use: logs RUN_DIR [--rank N | --slurm] [-f]")
+    if batch:
+        from cluster.slurm import read_job
+
+        job_id = read_job(run_dir)
+        if not job_id:
+            return error(f"{run_dir} has no SLURM job (no slurm.json)")
+        path = run_dir / "logs" / f"slurm-{job_id}.log"
+    else:
+        path = run_dir / "logs" / f"rank-{rank}.log"
+    if not path.exists() and not follow:
+        return error(f"no log yet at {path}")
+    offset = 0
+    try:
+        while True:
+            if path.exists():
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                offset += len(chunk)
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            if not follow:
+                return 0
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cancel(args: list[str]) -> int:
+    """Cancel the run's SLURM job. scancel sends SIGTERM: the ranks stop at a step boundary and save
+    a checkpoint (rerun the same command to resume); SLURM kills what is left after KillWait."""
+    run_dir = run_dir_arg(args, "cancel")
+    if run_dir is None:
+        return 2
+    from cluster.slurm import read_job
+
+    job_id = read_job(run_dir)
+    if not job_id:
+        return error(f"{run_dir} has no SLURM job to cancel (no slurm.json); a local run stops with Ctrl-C")
+    proc = subprocess.run(["scancel", job_id], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return error(f"scancel {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    print(f"ringleader: cancelled job {job_id}; its ranks save a checkpoint as they stop. run directory {run_dir}")
+    return 0
+
+
+def summary(args: list[str]) -> int:
+    """A sweep's summary (summary.csv, summary.json, eval_loss.png), rebuilt from its folder: for
+    SLURM sweeps that were not waited for, run it once the trials have finished."""
+    if not args:
+        return error("summary needs a sweep folder: python -m launcher summary SWEEP_DIR")
+    sweep_dir = Path(args[0]).expanduser().resolve()
+    from launcher.sweep import TRIAL_FILE, summarize
+
+    if not list(sweep_dir.glob(f"*/{TRIAL_FILE}")):
+        return error(f"{sweep_dir} holds no trials (no */{TRIAL_FILE}); give the sweep folder (hydra.sweep.dir)")
+    summarize(sweep_dir)
+    return 0
+
+
+def export(args: list[str]) -> int:
+    """Consolidated weights from any checkpoint: OUT_DIR/model.safetensors and OUT_DIR/config.yaml,
+    loadable by plain PyTorch (OUT_DIR defaults to <run>/exports/step-N). Imports torch: this verb
+    reads tensors, it is not on the launch path."""
+    if not args or len(args) > 2 or args[0].startswith("-"):
+        return error("export needs a checkpoint folder: python -m launcher export RUN_DIR/checkpoints/step-N [OUT_DIR]")
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(Path(args[0]), Path(args[1]) if len(args) > 1 else None)
+    except CheckpointError as exc:
+        return error(str(exc))
+    print(f"ringleader: exported {Path(args[0]).resolve()} to {out} (model.safetensors, config.yaml)")
+    return 0
+
+
+VERBS: dict[str, Callable[[list[str]], int]] = {
+    "status": status,
+    "logs": logs,
+    "cancel": cancel,
+    "export": export,
+    "summary": summary,
+}
+
+
+def run_verb(verb: str, args: list[str]) -> int:
+    handler = VERBS.get(verb)
+    if handler is None:
+        return error(f"unknown verb '{verb}'; choose one of {', '.join(VERBS)}")
+    return handler(args)

@@ -1,0 +1,157 @@
+"""Resume is exact: crashes, kill -9 with elastic restarts, crashes inside a save, corrupt and
+crafted checkpoints, asynchronous saves and export, all against one uninterrupted run.
+
+Real 2-rank torchrun jobs on gloo, started with `python -m launcher`. Faults are injected with
+RINGLEADER_FAULT (trainer/faults.py): the rank SIGKILLs itself at a named point, in torchrun's
+first attempt only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.checkpoint_tools import assert_same_tensors, checkpoint_steps, flip_byte, job, leftovers, log_of, plant_code_in_metadata, read_dcp, train_losses
+from tests.conftest import ROOT, Run, launcher_env, run_launcher
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Run:
+    """The uninterrupted run every scenario must reproduce bit for bit."""
+    run = run_launcher(tmp_path_factory.mktemp("reference") / "run", *job())
+    assert checkpoint_steps(run.run_dir) == [4, 8, 12, 14]
+    return run
+
+
+def faulty(run_dir, fault: str, *overrides: str) -> Run:
+    return run_launcher(run_dir, *overrides, env=launcher_env(RINGLEADER_FAULT=fault), check=False)
+
+
+def test_crash_mid_epoch_1_then_rerun_is_bit_identical(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    crashed = faulty(run_dir, "step:1:11", *job())
+    assert crashed.code != 0, "rank 1 SIGKILLed itself at step 11: the job must fail"
+    assert "SIGKILL" in crashed.output
+    assert not (run_dir / "final").exists()
+    assert checkpoint_steps(run_dir) == [4, 8]
+
+    resumed = run_launcher(run_dir, *job())
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-8'} at step 8 (epoch 1, 48 samples into it)" in log_of(run_dir)
+    assert_same_tensors(resumed.weights(), reference.weights())
+    # Every step after the resume saw the same samples and dropout masks: the same losses, exactly.
+    want = train_losses(reference.run_dir)
+    assert {s: v for s, v in train_losses(run_dir).items() if s > 8} == {s: v for s, v in want.items() if s > 8}
+
+
+def test_kill_9_with_max_restarts_resumes_and_loses_at_most_one_save_interval(reference, tmp_path):
+    """torchrun restarts both workers after rank 1's SIGKILL; they resume from step-8. With data
+    loader worker processes (num_workers=1), which a restart starts afresh."""
+    run_dir = tmp_path / "run"
+    run = faulty(run_dir, "step:1:10", *job(**{"cluster.max_restarts": 1, "data.num_workers": 1}))
+    assert run.code == 0, run.output[-3000:]
+    assert run.result()["status"] == "completed" and run.result()["global_step"] == 14
+    assert "restart 1" in log_of(run_dir, 1) and "fault injection" in log_of(run_dir, 1)
+
+    events = run.metrics()
+    resumes = [i for i, e in enumerate(events) if e.get("event") == "resume"]
+    assert len(resumes) == 1 and events[resumes[0]]["step"] == 8
+    reached = max(e["step"] for e in events[: resumes[0]] if "loss" in e)  # step 10 died unlogged
+    assert reached == 9
+    assert reached + 1 - events[resumes[0]]["step"] <= 4, "steps lost (done again): at most one save interval"
+    assert_same_tensors(run.weights(), reference.weights())
+
+
+# Each phase of a save of step 8, crashed: a rank's shard half written; every file in but no
+# COMPLETE marker; the marker written but the folder not yet renamed; retention (limit 1) has
+# renamed step-4 to .deleting-step-4 and deleted part of it. torchrun restarts the workers.
+PHASES = [
+    ("save-shard:1:8", {}, 4),
+    ("save-marker:0:8", {}, 4),
+    ("save-rename:0:8", {}, 4),
+    ("save-retention:0:8", {"train.save_total_limit": 1}, 8),
+]
+
+
+@pytest.mark.parametrize(("fault", "changes", "resumed_step"), PHASES, ids=[p[0].split(":")[0] for p in PHASES])
+def test_crash_in_each_phase_of_a_save_resumes_from_the_newest_complete_checkpoint(reference, tmp_path, fault, changes, resumed_step):
+    run_dir = tmp_path / "run"
+    run = faulty(run_dir, fault, *job(**{"cluster.max_restarts": 1, **changes}))
+    assert run.code == 0, run.output[-3000:]
+    log = log_of(run_dir)
+    assert "fault injection" in log_of(run_dir, int(fault.split(":")[1]))
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{resumed_step}'} at step {resumed_step}" in log
+    if resumed_step == 4:
+        assert f"removing incomplete checkpoint {run_dir / 'checkpoints' / 'step-8.tmp'}" in log
+    else:
+        assert f"removing incomplete checkpoint {run_dir / 'checkpoints' / '.deleting-step-4'}" in log
+    assert leftovers(run_dir) == []
+    assert_same_tensors(run.weights(), reference.weights())
+
+
+def test_auto_falls_back_past_corrupt_and_crafted_checkpoints_and_runs_no_code(reference, tmp_path):
+    """step-14's DCP metadata is a pickle that would run a command (its marker re-recorded so the
+    checksums pass); step-12 has a flipped byte. resume=auto skips both, says why, resumes from
+    step-8, and ends where the reference did."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run_dir)
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "result.json").unlink()
+    sentinel = tmp_path / "code-ran"
+    crafted = plant_code_in_metadata(run_dir / "checkpoints" / "step-14", sentinel)
+    flipped = run_dir / "checkpoints" / "step-12" / "dcp" / "__0_0.distcp"
+    flip_byte(flipped)
+
+    run = run_launcher(run_dir, *job())
+    assert not sentinel.exists(), "the crafted checkpoint ran its code"
+    log = log_of(run_dir)
+    assert f"skipping checkpoint step 14" in log and str(crafted) in log
+    assert f"skipping checkpoint step 12" in log and f"{flipped}: checksum mismatch" in log
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-8'} at step 8" in log
+    assert_same_tensors(run.weights(), reference.weights())
+
+
+def test_async_save_holds_the_state_of_its_step(reference, tmp_path):
+    """The writer thread of step 8's save waits 2 s (a slow disk) while training goes on: the
+    checkpoint must still hold step 8's parameters and optimizer state, as a synchronous save does."""
+    run_dir = tmp_path / "run"
+    run = faulty(run_dir, "save-async-write:0:8:delay,save-async-write:1:8:delay", *job(**{"train.save_async": "true"}))
+    assert run.code == 0, run.output[-3000:]
+    lines = log_of(run_dir).splitlines()
+    committed = next(i for i, line in enumerate(lines) if "checkpoint saved:" in line and line.endswith("step-8"))
+    stepped = next(i for i, line in enumerate(lines) if " step 10 epoch" in line)
+    assert stepped < committed, "training must go on while step 8's checkpoint is written"
+    assert_same_tensors(read_dcp(run_dir / "checkpoints" / "step-8" / "dcp"), read_dcp(reference.run_dir / "checkpoints" / "step-8" / "dcp"))
+    saved, want = (json.loads((d / "checkpoints" / "step-8" / "trainer_state.json").read_text())["loop"] for d in (run_dir, reference.run_dir))
+    assert saved == want
+    assert_same_tensors(run.weights(), reference.weights())
+
+
+def test_export_any_checkpoint_and_load_it_with_plain_pytorch(reference, tmp_path):
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-m", "launcher", "export", str(reference.run_dir / "checkpoints" / "step-14"), str(out)], capture_output=True, text=True, cwd=ROOT, env=launcher_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert_same_tensors(load_file(str(out / "model.safetensors")), reference.weights())
+    default = subprocess.run([sys.executable, "-m", "launcher", "export", str(reference.run_dir / "checkpoints" / "step-4")], capture_output=True, text=True, cwd=ROOT, env=launcher_env(), timeout=120)
+    assert default.returncode == 0 and (reference.run_dir / "exports" / "step-4" / "model.safetensors").is_file(), default.stderr
+
+    # A fresh process: safetensors, yaml and the model class, strict loading; nothing else.
+    script = (
+        "import sys, yaml\n"
+        "from safetensors.torch import load_file\n"
+        "from trainer.model import GPT\n"
+        "for folder in sys.argv[1:]:\n"
+        "    kwargs = yaml.safe_load(open(folder + '/config.yaml'))['model']['kwargs']\n"
+        "    model = GPT(**kwargs)\n"
+        "    model.load_state_dict(load_file(folder + '/model.safetensors'), strict=True)\n"
+        "    print('loaded', folder, sum(p.numel() for p in model.parameters()))\n"
+    )
+    folders = [str(reference.run_dir / "final"), str(out), str(reference.run_dir / "exports" / "step-4")]
+    loaded = subprocess.run([sys.executable, "-c", script, *folders], capture_output=True, text=True, cwd=ROOT, env=launcher_env(), timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.count("loaded") == 3

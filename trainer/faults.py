@@ -1,0 +1,59 @@
+"""Fault injection for the reliability tests: crash, stall or slow one rank at a named point.
+
+    RINGLEADER_FAULT="POINT:RANK:STEP[:ACTION]"     several joined by ","
+
+ACTION is `kill` (the default: the rank SIGKILLs itself, as the OOM killer or a lost node would),
+`stall` (the rank sleeps for an hour, as a deadlocked or wedged rank would) or `delay` (it sleeps
+2 s and goes on, as a slow disk would). A fault fires only in torchrun's first attempt
+(TORCHELASTIC_RESTART_COUNT 0), so an elastic restart runs clean. Never set outside tests: unset,
+it costs one environment lookup at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("ringleader")
+ENV = "RINGLEADER_FAULT"
+
+POINTS = {
+    "step": "after optimizer step STEP, before that step's collective (trainer/loop.py)",
+    "save-shard": "saving step STEP: this rank's shard is half written (trainer/checkpoint.py)",
+    "save-marker": "saving step STEP: all files in, before the COMPLETE marker (rank 0)",
+    "save-rename": "saving step STEP: marker written, before step-N.tmp becomes step-N (rank 0)",
+    "save-retention": "saving step STEP: an old checkpoint renamed and partly deleted (rank 0)",
+    "save-async-write": "saving step STEP asynchronously: in the writer thread, before it writes",
+}
+
+
+def parse(spec: str) -> list[tuple[str, int, int, str]]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        point, rank, step, *action = item.split(":")
+        if point not in POINTS or (action and action[0] not in ("kill", "stall", "delay")):
+            raise ValueError(f"{ENV}: bad fault '{item}'; write POINT:RANK:STEP[:kill|stall|delay], POINT one of {', '.join(POINTS)}")
+        faults.append((point, int(rank), int(step), action[0] if action else "kill"))
+    return faults
+
+
+FAULTS = parse(os.environ.get(ENV, "")) if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else []
+
+
+def fault_point(point: str, step: int, rank: int, before: Callable[[], None] | None = None) -> None:
+    """Fire the fault planned for (point, rank, step), if any; `before` leaves what a crash at that
+    moment would leave on disk (half a file, a half-deleted folder)."""
+    for p, r, s, action in FAULTS:
+        if (p, r, s) != (point, rank, step):
+            continue
+        if before is not None:
+            before()
+        log.warning("fault injection (%s): %s at %s, step %d", ENV, action, point, step)
+        for handler in logging.getLogger("ringleader").handlers:
+            handler.flush()
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600 if action == "stall" else 2)

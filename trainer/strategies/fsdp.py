@@ -1,0 +1,61 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer states sharded over all ranks as
+DTensors; each transformer block gathers its parameters for its own forward and backward.
+
+Optimizer, schedule, scaler and DCP state are NativeStrategy's: get_state_dict understands DTensors,
+so a checkpoint holds each rank's shards and reloads on another world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from trainer.strategies.native import NativeStrategy
+
+
+class FSDPStrategy(NativeStrategy):
+    def wrap(self, model: nn.Module) -> nn.Module:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mesh = init_device_mesh(self.device.type, (world,))
+        # Mixed precision the FSDP way: 16-bit parameters for compute, fp32 shards, gradients
+        # reduced in fp32. No autocast on top (see `autocast`).
+        if self.precision == "fp32":
+            mp = MixedPrecisionPolicy()
+        else:
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16, reduce_dtype=torch.float32)
+        reshard = self.cfg.strategy.reshard_after_forward
+        blocks = getattr(model, "transformer_blocks", None)
+        if blocks is None:
+            raise ValueError("strategy=fsdp: the model has no `transformer_blocks` (the modules to shard one by one); add that property, or use strategy=ddp")
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        # The root holds what is left (embeddings, final norm, the tied head): it stays gathered
+        # after forward, since backward needs it first.
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # MixedPrecisionPolicy casts the parameters
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        # Non-final micro-batches keep unsharded gradients locally and reduce-scatter once.
+        self.model.set_requires_gradient_sync(sync)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The norm over all ranks' shards (a DTensor reduction), then clipping with it."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else math.inf, norm, foreach=True)
+        return norm
