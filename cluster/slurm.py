@@ -330,10 +330,13 @@ def head_address(nodelist: str) -> str:
     return found.group(1) if found else first
 
 
-def run_task(cfg: RunConfig, plan, task) -> int:
+def run_task(cfg: RunConfig, plan, task, *, child: bool = False) -> int:
     """This task's node of the run: torchrun with the step's nodes, c10d on the step's first node,
     the job and step id as the rendezvous id. Task 0 has written the run directory; the others
-    need not wait for it, since no worker starts before node 0's torchrun joins the rendezvous."""
+    need not wait for it, since no worker starts before node 0's torchrun joins the rendezvous.
+    By hand (`srun python -m launcher`) the task becomes torchrun (exec); a sweep's trial run by
+    hydra-submitit-launcher (child=True) must outlive it to read result.json and return the
+    objective to submitit, so torchrun runs as its child and its exit code is returned."""
     step = os.environ.get("SLURM_STEP_ID", "0")
     command = [
         sys.executable, "-m", "torch.distributed.run",
@@ -346,6 +349,10 @@ def run_task(cfg: RunConfig, plan, task) -> int:
     # As in the batch job: USR2 is for the workers; torchrun would die of it (see the module's doc).
     import signal
 
+    env = {**os.environ, **plan.env}
+    if child:
+        # The same guard as the batch job's: torchrun ignores USR2; this process keeps submitit's handler.
+        return subprocess.run(["bash", "-c", 'trap "" USR2; exec "$@"', "ringleader-node", *command], env=env).returncode
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     sys.stdout.flush()
-    os.execvpe(command[0], command, {**os.environ, **plan.env})
+    os.execvpe(command[0], command, env)

@@ -112,9 +112,10 @@ def launch(composed) -> int:
         return error(str(exc))
 
 
-def start(composed) -> int:
+def start(composed, *, trial: bool = False) -> int:
     """Validate, plan, print, write the run directory and start the backend: the one path for a
-    single run and for each trial of a sweep. Raises ConfigError before anything is written."""
+    single run and for each trial of a sweep (trial=True: this process outlives the run, to read
+    its result). Raises ConfigError before anything is written."""
     from launcher.prepare import prepare
 
     prepared = prepare(composed)
@@ -133,7 +134,7 @@ def start(composed) -> int:
 
         if task.rank == 0:
             write_run_dir(Path(plan.run_dir), prepared.resolved, plan.to_dict())
-        return run_task(cfg, plan, task)
+        return run_task(cfg, plan, task, child=trial)
     write_run_dir(Path(plan.run_dir), prepared.resolved, plan.to_dict())
     if cfg.cluster.name == "local":
         from cluster.local import spawn

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from launcher.schema import RunConfig
 
 GB = 1e9
-SHARDED = ("zero1", "zero2", "zero3", "fsdp", "zero3_offload")
 
 
 def gpt_parameters(*, vocab_size: int, block_size: int, n_layer: int, n_embd: int, bias: bool, **_: object) -> int:
@@ -39,12 +38,12 @@ def gpt_parameters(*, vocab_size: int, block_size: int, n_layer: int, n_embd: in
 
 
 def count_parameters(cfg: RunConfig) -> int:
-    """Parameters of the configured model without building it; 0 when unknown (a user's model
-    that does not give model.kwargs.num_parameters)."""
+    """Parameters of the configured model without building it (the launcher never imports torch
+    or the model); for a user's model, model.num_parameters (0: unknown)."""
     m = cfg.model
     if m._target_ == "trainer.model.GPT":
         return gpt_parameters(**{k: getattr(m, k) for k in ("vocab_size", "block_size", "n_layer", "n_embd", "bias")})
-    return int(m.kwargs.get("num_parameters", 0)) if "num_parameters" in m.kwargs else 0
+    return m.num_parameters
 
 
 def optimizer_state_bytes(cfg: RunConfig) -> float:
@@ -98,8 +97,6 @@ class MemoryEstimate:
     parameters: int
     per_rank: dict[str, float]  # GB
     total_gb: float
-    fits: bool | None  # None: no GPU memory to compare with
-    warning: str = ""
 
 
 def estimate(cfg: RunConfig, *, world_size: int, strategy: str | None = None, micro_batch: int | None = None, checkpointing: bool | None = None) -> MemoryEstimate | None:
@@ -122,7 +119,7 @@ def estimate(cfg: RunConfig, *, world_size: int, strategy: str | None = None, mi
         per_rank["activations_without_checkpointing" if checkpointing else "activations_if_checkpointed"] = act if checkpointing else act_ckpt
     total = sum(v for k, v in per_rank.items() if k in ("parameters", "gradients", "optimizer", "activations"))
     per_rank["total"] = total
-    return MemoryEstimate(parameters=psi, per_rank=per_rank, total_gb=total, fits=None)
+    return MemoryEstimate(parameters=psi, per_rank=per_rank, total_gb=total)
 
 
 def usable_gb(gpu_memory_gb: float) -> float:
@@ -132,10 +129,12 @@ def usable_gb(gpu_memory_gb: float) -> float:
 
 
 def plan_memory(cfg: RunConfig, *, world_size: int) -> tuple[dict[str, float], list[str]]:
-    """The plan's `memory` (GB per rank, with the parameter count in millions) and its warnings."""
+    """The plan's `memory` (GB per rank, and num_parameters) and its warnings."""
     est = estimate(cfg, world_size=world_size)
-    if est is None:
-        return {}, [f"no memory estimate: the launcher cannot count the parameters of {cfg.model._target_} without importing it; set model.kwargs.num_parameters=N to get one"]
+    if est is None:  # said only where it matters: a GPU profile whose memory could be checked
+        if cfg.hw.accelerator != "cuda" or cfg.hw.gpu_memory_gb <= 0:
+            return {}, []
+        return {}, [f"no memory estimate: the launcher cannot count the parameters of {cfg.model._target_} without importing it; set model.num_parameters=N to get one"]
     memory = {"num_parameters": float(est.parameters), **est.per_rank}
     warnings: list[str] = []
     hw = cfg.hw

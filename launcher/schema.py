@@ -86,6 +86,9 @@ class ModelConfig:
     # strategy and world size) loaded into the model before it is wrapped. A checkpoint found by
     # train.resume wins over it.
     init_from: str = ""
+    # A user's model: its parameter count, for the plan's memory estimate (the launcher never
+    # imports the model to count it). 0: no estimate. The built-in GPT is counted exactly.
+    num_parameters: int = 0
 
 
 @dataclass(kw_only=True)

@@ -6,6 +6,15 @@ train.output_dir itself. A trial never raises: a failure is recorded in trial.js
 reason and returned as NaN (Optuna counts it as a failed trial), so the other trials go on. At the
 end the summary (summary.csv, summary.json, eval_loss.png) is written to the sweep folder;
 `python -m launcher summary SWEEP_DIR` rebuilds it later, e.g. after SLURM trials finish.
+
+On SLURM, two ways. `cluster=slurm`: each trial is submitted as its own job (its own run
+directory, sbatch script and slurm.json, so status/logs/cancel/requeue work on a trial exactly as
+on a single run, and trials may ask for different nodes or hardware), not waited for unless
+`cluster.wait=true`; trial.json keeps the job id and the summary asks SLURM how far each job got.
+Not one array job: an array gives every task the same resources and one script, and Hydra's
+basic launcher hands us one trial at a time. Users who want arrays have
+`hydra/launcher=submitit_slurm` (submitit's map_array), which also works: there every task of the
+trial's allocation runs trial(), each starts its node's torchrun, and task 0 alone speaks for it.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +50,12 @@ def run_sweep(args: list[str]) -> int:
 
 
 def trial(cfg: DictConfig) -> float:
-    """One trial: the same path as a single run; returns the objective (NaN when it failed)."""
+    """One trial: the same path as a single run; returns the objective (NaN when it failed, or when
+    it was submitted to SLURM and not waited for: trial.json then holds the job id).
+
+    Under hydra-submitit-launcher the trial runs inside its own allocation, once on every task of
+    it (one task per node): each task starts its node's torchrun, and task 0 alone records the
+    trial and returns the objective (submitit hands Hydra task 0's return value)."""
     from hydra.core.hydra_config import HydraConfig
 
     from launcher.__main__ import start
@@ -49,23 +64,40 @@ def trial(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    task = trial_allocation(str(hc.launcher.get("_target_", "")))
+    lead = task is None or task.rank == 0
     record: dict[str, Any] = {"job": hc.job.num, "overrides": overrides, "run_dir": None, "exit_code": None, "error": None}
     objective = math.nan
     try:
         cfg = copy.deepcopy(cfg)
-        if not any(o.split("=", 1)[0].lstrip("+") == "train.output_dir" for o in overrides):
-            with read_write(cfg):
+        with read_write(cfg):
+            if not any(o.split("=", 1)[0].lstrip("+") == "train.output_dir" for o in overrides):
                 cfg.train.output_dir = str(job_dir)
+            if task is not None:
+                place_in_allocation(cfg, task)
         composed = typed(cfg, tuple(overrides))
-        record["run_dir"] = composed.config.train.output_dir
-        code = start(composed)
+        run_dir = Path(composed.config.train.output_dir).expanduser().resolve()
+        record["run_dir"] = str(run_dir)
+        if task is not None and lead:
+            (run_dir / "result.json").unlink(missing_ok=True)  # the result read below must be this run's
+        code = start(composed, trial=True)
         record["exit_code"] = code
-        result = read_json(Path(record["run_dir"]) / "result.json")
+        if task is not None:
+            record["job_id"] = task.job_id  # the allocation hydra-submitit-launcher made for this trial
+        elif composed.config.cluster.name == "slurm":
+            from cluster.slurm import read_job
+
+            record["job_id"] = read_job(run_dir)
+        result = read_json(run_dir / "result.json")
+        if task is not None and lead and code == 0 and result is None:
+            result = wait_for_result(run_dir)  # training's rank 0 may sit on another node, a moment behind
         metric = composed.config.train.metric_for_best_model
         if code == 0 and result:
             objective = float(result.get("metrics", {}).get(metric, result.get("best_metric") or math.nan))
-        elif composed.config.cluster.name != "local" and code == 0:
-            record["status"] = "submitted"
+        elif composed.config.cluster.name == "slurm" and task is None and code == 0:
+            record["status"] = "submitted"  # cluster.wait=false: `python -m launcher summary` reads it later
+        elif code == 0:
+            record["error"] = "the run ended without writing result.json"
         else:
             record["error"] = (result or {}).get("error") or f"exited with code {code}"
     except ConfigError as exc:
@@ -73,12 +105,53 @@ def trial(cfg: DictConfig) -> float:
         record["exit_code"] = 2
     except Exception as exc:  # a trial must not stop the sweep
         record["error"] = f"{type(exc).__name__}: {exc}"
+    if not lead:
+        return math.nan  # task 0 of the allocation speaks for the trial
     record["objective"] = None if math.isnan(objective) else objective
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / TRIAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if record["error"]:
         print(f"ringleader: trial {hc.job.num} ({' '.join(overrides)}) failed: {record['error']}", file=sys.stderr)
     return objective
+
+
+def trial_allocation(launcher_target: str):
+    """The SLURM task this trial runs as when hydra-submitit-launcher started it in an allocation of
+    its own (`srun` of `python -m submitit.core._submit`, one task per node), else None. Both
+    conditions: a sweep driver that itself runs in a SLURM task, with Hydra's basic launcher and
+    cluster=slurm, must still submit its trials as jobs."""
+    from cluster.environment import SlurmEnvironment, detect_environment
+
+    if "hydra_submitit_launcher" not in launcher_target:
+        return None
+    env = detect_environment()
+    return env if isinstance(env, SlurmEnvironment) and env.step_tasks >= 1 else None
+
+
+def place_in_allocation(cfg: DictConfig, task) -> None:
+    """The trial already has its nodes: run on them (one node: torchrun here; several: one torchrun
+    per node, as `srun python -m launcher` does by hand), never ask SLURM for more."""
+    from launcher.errors import ConfigError
+
+    if task.step_tasks != task.nnodes:
+        raise ConfigError("hydra.launcher.tasks_per_node", f"{task.step_tasks} tasks on {task.nnodes} node(s); ringleader starts one torchrun per node, which starts cluster.nproc_per_node ranks: set hydra.launcher.tasks_per_node=1")
+    if cfg.cluster.nodes not in (1, task.nnodes):
+        raise ConfigError("cluster.nodes", f"is {cfg.cluster.nodes} but the trial's allocation has {task.nnodes} node(s); set hydra.launcher.nodes={cfg.cluster.nodes} (hydra-submitit-launcher allocates the nodes)")
+    cfg.cluster.name = "slurm" if task.nnodes > 1 else "local"
+    cfg.cluster.nodes = task.nnodes
+
+
+def wait_for_result(run_dir: Path, timeout_s: float = 60.0) -> dict | None:
+    """result.json of a multi-node run whose torchrun on this node has ended: rank 0 writes it,
+    wherever c10d's rendezvous put rank 0, and no barrier follows that write."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (result := read_json(run_dir / "result.json")) is not None:
+            return result
+        time.sleep(0.5)
+    return None
 
 
 def read_json(path: Path) -> dict | None:
@@ -95,12 +168,13 @@ def summarize(sweep_dir: Path, *, quiet: bool = False) -> list[dict[str, Any]]:
         info = json.loads(trial_file.read_text())
         run_dir = Path(info["run_dir"]) if info.get("run_dir") else trial_file.parent
         result = read_json(run_dir / "result.json")
+        error = info.get("error") or (result or {}).get("error")
         if result:
             status = result.get("status", "unknown")
         elif info.get("error"):
             status = "failed"
         elif (run_dir / "slurm.json").exists() or info.get("status") == "submitted":
-            status = "submitted"
+            status, error = slurm_status(run_dir)
         else:
             status = "running"
         metrics = (result or {}).get("metrics", {})
@@ -111,7 +185,8 @@ def summarize(sweep_dir: Path, *, quiet: bool = False) -> list[dict[str, Any]]:
             "steps": (result or {}).get("global_step"),
             "eval_loss": metrics.get("eval_loss"),
             "train_loss": metrics.get("train_loss"),
-            "error": info.get("error") or (result or {}).get("error"),
+            "error": error,
+            "job_id": info.get("job_id"),
             "run_dir": str(run_dir),
             "best": False,
         })
@@ -121,7 +196,29 @@ def summarize(sweep_dir: Path, *, quiet: bool = False) -> list[dict[str, Any]]:
     write_summary(sweep_dir, rows)
     if not quiet:
         print(render_summary(rows))
+        if waiting := [r for r in rows if r["status"] in ("submitted", "running")]:
+            print(f"{len(waiting)} trial(s) still queued or running on SLURM; once they have finished: python -m launcher summary {shlex.quote(str(sweep_dir))}")
     return rows
+
+
+def slurm_status(run_dir: Path) -> tuple[str, str | None]:
+    """A submitted trial with no result.json yet, as SLURM sees its job: submitted (queued),
+    running, or failed when the job is over without a result (its batch log says why)."""
+    from cluster.slurm import FINAL_STATES, job_info, read_job
+
+    job_id = read_job(run_dir)
+    try:
+        info = job_info(job_id) if job_id else {}
+    except OSError:  # no scontrol on this machine: say what the sweep folder knows
+        return "submitted", None
+    state = info.get("JobState", "")
+    if state in ("RUNNING", "COMPLETING"):
+        return "running", None
+    if state in FINAL_STATES:
+        return "failed", f"job {job_id} ended {state} without writing result.json; its batch log, if it started: {run_dir}/logs/slurm-{job_id}.log"
+    if not info and job_id:
+        return "unknown", f"SLURM no longer knows job {job_id} and the run left no result.json; see {run_dir}/logs"
+    return "submitted", None
 
 
 def swept(rows: list[dict[str, Any]]) -> list[str]:

@@ -3,15 +3,14 @@
 One run per strategy (20 steps, accumulation 2, a checkpoint at step 10) serves several tests:
 the same losses as DDP, exact resume, export and warm start. DeepSpeed start-up costs a few
 seconds per run; the first run on a machine JIT-builds DeepSpeed's shm comm op once.
-zero3_offload JIT-builds DeepSpeed's CPU Adam (about a minute, cached after): its test runs when
-that op is already built or RINGLEADER_SLOW=1.
+zero3_offload JIT-builds DeepSpeed's CPU Adam (about a minute the first time, cached after) and
+runs slowly on two cores: its test runs with RINGLEADER_SLOW=1.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +95,7 @@ def test_export_is_the_same_consolidated_model(runs, strategy):
         assert torch.allclose(got[k], ref[k], rtol=1e-3, atol=1e-4), k
 
 
-@pytest.mark.parametrize("source,target,nproc", [("zero3", "ddp", 1), ("fsdp", "zero2", 2), ("ddp", "zero3", 2)])
+@pytest.mark.parametrize("source,target,nproc", [("zero3", "ddp", 1), ("fsdp", "zero2", 2)])
 def test_warm_start_across_strategies_and_world_sizes(runs, source, target, nproc, tmp_path):
     """Weights exported by one strategy start another, on another world size. A learning rate of
     1e-12 leaves them in place, so the export of the new run must equal the source."""
@@ -121,18 +120,13 @@ def test_gradient_checkpointing_under_zero3_gives_the_same_losses(runs, tmp_path
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
 def test_bf16_mixed_precision_trains(strategy, tmp_path):
-    run = run_launcher(tmp_path / "bf16", *TINY, f"strategy={strategy}", "train.bf16=true", "train.max_steps=12", "train.gradient_accumulation_steps=2", "optimizer.learning_rate=3e-3", "train.gradient_checkpointing=true")
+    run = run_launcher(tmp_path / "bf16", *TINY, f"strategy={strategy}", "train.bf16=true", "train.max_steps=10", "train.gradient_accumulation_steps=2", "optimizer.learning_rate=3e-3", "train.gradient_checkpointing=true")
     got = losses(run)
     assert run.plan()["precision"] == "bf16" and got[-1] < got[0] - 0.1, got
     assert all(v.dtype == torch.float32 for v in run.weights().values())  # exported from the fp32 master
 
 
-def cpu_adam_built() -> bool:
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    return any(root.glob("*/cpu_adam/cpu_adam*.so"))
-
-
-@pytest.mark.skipif(not (cpu_adam_built() or os.environ.get("RINGLEADER_SLOW")), reason="DeepSpeed's cpu_adam is not built yet (about a minute of gcc); set RINGLEADER_SLOW=1 to build and test it")
+@pytest.mark.skipif(not os.environ.get("RINGLEADER_SLOW"), reason="builds DeepSpeed's cpu_adam (about a minute of gcc the first time); set RINGLEADER_SLOW=1")
 def test_zero3_offload_trains_and_matches(runs, tmp_path):
     """CPU Adam (DeepSpeed's, with offload) is not torch's AdamW kernel: close, not identical."""
     run = run_launcher(tmp_path / "offload", *args("zero3_offload", "train.save_strategy=no"), timeout=600)

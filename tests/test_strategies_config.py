@@ -166,8 +166,11 @@ def test_plan_memory_and_fit_warning_naming_what_fits(tmp_path):
 
 
 def test_custom_model_without_parameter_count_says_how_to_get_one(tmp_path):
-    p = prepared(tmp_path, "model._target_=tests.user_code.Bigram", "+model.kwargs.vocab=256")
-    assert p.plan.memory == {} and any("model.kwargs.num_parameters" in w for w in p.plan.warnings)
+    assert prepared(tmp_path, "model._target_=tests.user_code.Bigram", "+model.kwargs.vocab=256", "+hw=cpu").plan.warnings == []
+    p = prepared(tmp_path, "model._target_=tests.user_code.Bigram", "+model.kwargs.vocab=256", "+hw=1xH100")
+    assert p.plan.memory == {} and any("model.num_parameters" in w for w in p.plan.warnings)
+    counted = prepared(tmp_path, "model._target_=tests.user_code.Bigram", "+model.kwargs.vocab=256", "model.num_parameters=65536")
+    assert counted.plan.memory["num_parameters"] == 65536 and counted.plan.memory["parameters"] == pytest.approx(65536 * 4 / 1e9)
 
 
 # -- paged optimizers ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from trainer.faults import fault_point
 
@@ -314,7 +315,7 @@ class CheckpointManager:
             raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
         try:
             strategy.load_state(path)
-        except Exception as exc:
+        except (Exception, DCPException) as exc:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"{path}: cannot load the model or optimizer state ({type(exc).__name__}: {exc})") from exc
         rng_file = path / f"rng-{self.rank}.safetensors"
         if state.get("world_size") == self.world_size and rng_file.exists():

@@ -111,4 +111,5 @@ def eval_batches(dataset: Dataset, *, batch_size: int, rank: int, world_size: in
     if max_batches:
         per_rank = min(per_rank, max_batches * batch_size)
     indices = list(range(rank, per_rank * world_size, world_size))
-    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False)
+    # Its own generator, as train_batches: an evaluation leaves the training RNG streams untouched.
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0))

@@ -79,6 +79,7 @@ def export_checkpoint(checkpoint: Path, out: Path | None = None) -> Path:
 def load_dcp_tensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
     """Fill `state` in place from a DCP folder, in this process alone, without unsafe unpickling."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from trainer.checkpoint import CheckpointError
     from trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
@@ -87,5 +88,5 @@ def load_dcp_tensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=SafeLoadPlanner(), no_dist=True)
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{folder}: cannot read the model's tensors ({type(exc).__name__}: {exc})") from exc

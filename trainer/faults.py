@@ -1,12 +1,12 @@
 """Fault injection for the reliability tests: crash, stall or slow one rank at a named point.
 
-    RINGLEADER_FAULT="POINT:RANK:STEP[:ACTION]"     several joined by ","
+    RINGLEADER_FAULT="POINT:RANK:STEP[:ACTION][@ATTEMPT]"     several joined by ","
 
 ACTION is `kill` (the default: the rank SIGKILLs itself, as the OOM killer or a lost node would),
 `stall` (the rank sleeps for an hour, as a deadlocked or wedged rank would) or `delay` (it sleeps
-2 s and goes on, as a slow disk would). A fault fires only in torchrun's first attempt
-(TORCHELASTIC_RESTART_COUNT 0), so an elastic restart runs clean. Never set outside tests: unset,
-it costs one environment lookup at import.
+2 s and goes on, as a slow disk would). A fault fires only in torchrun's attempt ATTEMPT
+(TORCHELASTIC_RESTART_COUNT; 0 by default), so elastic restarts run clean, or crash elsewhere.
+Never set outside tests: unset, it costs one environment lookup at import.
 """
 
 from __future__ import annotations
@@ -30,17 +30,20 @@ POINTS = {
 }
 
 
-def parse(spec: str) -> list[tuple[str, int, int, str]]:
+def parse(spec: str, attempt: int) -> list[tuple[str, int, int, str]]:
+    """The faults of `spec` planned for this attempt."""
     faults = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        point, rank, step, *action = item.split(":")
-        if point not in POINTS or (action and action[0] not in ("kill", "stall", "delay")):
-            raise ValueError(f"{ENV}: bad fault '{item}'; write POINT:RANK:STEP[:kill|stall|delay], POINT one of {', '.join(POINTS)}")
-        faults.append((point, int(rank), int(step), action[0] if action else "kill"))
+        fault, _, when = item.partition("@")
+        point, rank, step, *action = fault.split(":")
+        if point not in POINTS or (action and action[0] not in ("kill", "stall", "delay")) or (when and not when.isdigit()):
+            raise ValueError(f"{ENV}: bad fault '{item}'; write POINT:RANK:STEP[:kill|stall|delay][@ATTEMPT], POINT one of {', '.join(POINTS)}")
+        if int(when or 0) == attempt:
+            faults.append((point, int(rank), int(step), action[0] if action else "kill"))
     return faults
 
 
-FAULTS = parse(os.environ.get(ENV, "")) if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else []
+FAULTS = parse(os.environ.get(ENV, ""), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
 
 def fault_point(point: str, step: int, rank: int, before: Callable[[], None] | None = None) -> None:

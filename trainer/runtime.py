@@ -98,6 +98,18 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     logging.getLogger("py.warnings").handlers = root.handlers
 
 
+def attempt_store(env: Environment, timeout: datetime.timedelta) -> dict:
+    """The rendezvous store for this restart only. torchrun's agent keeps one store (and port) over
+    its restarts, and the processes of restart N read rank addresses left there by restart N-1:
+    a rank slower to start than its peers gets "Connection refused" from a dead process (seen with
+    torch 2.13, gloo). A prefix per restart keeps each attempt's keys apart. Outside torchrun's
+    agent store: {} (env:// as usual)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"ringleader/restart-{env.restart_count}", store), "rank": env.rank, "world_size": env.world_size}
+
+
 def init_runtime(run_dir: Path, cfg: RunConfig, plan: dict) -> Runtime:
     env = detect_environment()
     setup_logging(run_dir, env.rank)
@@ -113,7 +125,7 @@ def init_runtime(run_dir: Path, cfg: RunConfig, plan: dict) -> Runtime:
     group = None
     if env.world_size > 1:
         timeout = datetime.timedelta(seconds=cfg.train.ddp_timeout)
-        dist.init_process_group(backend=plan["backend"], timeout=timeout, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=plan["backend"], timeout=timeout, device_id=device if device.type == "cuda" else None, **attempt_store(env, timeout))
         # Checkpoint collectives (and an asynchronous save's thread) use a gloo group of their own;
         # after a collective timed out on the default group, it still works to name the stalled rank.
         group = dist.new_group(backend="gloo", timeout=timeout)
