@@ -166,7 +166,7 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout_naming_it(tmp_path):
     """Rank 1 sleeps (for an hour) before step 3's collective. Rank 0's collective times out after
     train.ddp_timeout; a monitored barrier names rank 1; torchrun's SIGTERM reaches rank 1, whose
     watchdog dumps its stack and exits. Nothing waits for torchrun's 30 s SIGKILL, or the hour."""
-    timeout = 3
+    timeout = 4  # not lower: under load, healthy ranks may drift a second or two apart
     run = run_launcher(tmp_path / "run", *job(**{"train.ddp_timeout": timeout, "train.save_strategy": "no"}), env=launcher_env(RINGLEADER_FAULT="step:1:3:stall"), check=False, timeout=240)
     assert run.code != 0
     assert "rank(s) 1 stalled" in run.output  # the launcher's summary of the rank logs
@@ -193,9 +193,9 @@ def test_resume_on_another_world_size_continues_the_same_losses(tmp_path):
     two = run_launcher(tmp_path / "two", *job(**common))
     one = run_launcher(tmp_path / "one", *job(**{**common,
         "cluster.nproc_per_node": 1, "train.gradient_accumulation_steps": 2, "train.resume": tmp_path / "two" / "checkpoints" / "step-4"}))
-    assert "resumed from" in log_of(one.run_dir) and "written by 2 ranks, now 1" in log_of(one.run_dir)
+    assert "resumed from" in log_of(one.run_dir) and "written by 2 rank(s), now 1" in log_of(one.run_dir)
     back = run_launcher(tmp_path / "back", *job(**common, **{"train.resume": tmp_path / "one" / "checkpoints" / "step-8"}))
-    assert "written by 1 ranks, now 2" in log_of(back.run_dir)
+    assert "written by 1 rank(s), now 2" in log_of(back.run_dir)
 
     for resumed, uninterrupted, step in ((one, two, 5), (back, one, 9)):
         got, want = train_losses(resumed.run_dir)[step], train_losses(uninterrupted.run_dir)[step]

@@ -203,7 +203,9 @@ class CheckpointManager:
     def _write_native(self, tmp: Path, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(tensors, checkpoint_id=str(tmp / "dcp"), process_group=self.group)
+        from trainer.strategies.native import dcp_writer
+
+        dcp.save(tensors, storage_writer=dcp_writer(tmp / "dcp"), process_group=self.group)
         if self.rank == 0:
             (tmp / "strategy.json").write_text(json.dumps(extra))
 
@@ -236,7 +238,8 @@ class CheckpointManager:
                 os.fsync(f.fileno())
             for r in range(self.world_size):
                 (tmp / f".manifest-{r}.json").unlink()
-            fsync_dir(tmp)
+            for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+                fsync_dir(folder)  # the files' names too are on disk before the marker counts
             fault_point("save-rename", step, self.rank)
             final = self.root / f"step-{step}"
             if final.exists():  # a checkpoint of the same step from before a restart
@@ -321,7 +324,7 @@ class CheckpointManager:
         if state.get("world_size") == self.world_size and rng_file.exists():
             set_rng_state(load_file(str(rng_file)), self.device)
         elif state.get("world_size") != self.world_size:
-            log.info("checkpoint %s was written by %s ranks, now %d: the data position maps by samples consumed; random streams start afresh", path, state.get("world_size"), self.world_size)
+            log.info("checkpoint %s was written by %s rank(s), now %d: the data position maps by samples consumed; random streams start afresh", path, state.get("world_size"), self.world_size)
         if state.get("config_hash") != self.config_hash:
             log.warning("resuming from %s, written by a different config (hash %s, now %s)", path, state.get("config_hash"), self.config_hash)
         return state

@@ -46,6 +46,12 @@ def int_keys(state: dict) -> dict:
     return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in state.items()}
 
 
+def dcp_writer(folder: Path) -> dcp.FileSystemWriter:
+    """DCP's writer without its own fsyncs: the checkpoint manager fsyncs every file once, before
+    it writes the COMPLETE marker (DCP's per-file syncs made a save ~1.5x slower here)."""
+    return dcp.FileSystemWriter(str(folder), sync_files=False)
+
+
 class NativeStrategy(Strategy):
     """DDP and FSDP2: subclasses wrap the model (`wrap`) and control gradient sync (`backward`)."""
 
@@ -87,17 +93,30 @@ class NativeStrategy(Strategy):
     def save_state(self, path: Path, *, process_group=None) -> None:
         tensors: dict[str, torch.Tensor] = {}
         skeleton = split_tensors(self.tensor_state(), "", tensors)
-        dcp.save(tensors, checkpoint_id=str(path / "dcp"), process_group=process_group)
+        dcp.save(tensors, storage_writer=dcp_writer(path / "dcp"), process_group=process_group)
         if not dist.is_initialized() or dist.get_rank() == 0:
             extra = {"skeleton": skeleton, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
             (path / "strategy.json").write_text(json.dumps(extra))
 
     def staged_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """A copy of the state taken now, for an asynchronous save: training may change the
-        parameters as soon as this returns (the bug of pytorch #144657 was not copying CPU tensors)."""
+        parameters as soon as this returns (the bug of pytorch #144657 was not copying CPU tensors).
+        Plain tensors are copied into CPU buffers kept from the previous save (the manager waits
+        for that one to finish first): allocating ~state-size fresh memory at every save costs
+        more than the copy (page faults), and would be most of what an async save blocks."""
         tensors: dict[str, torch.Tensor] = {}
         skeleton = split_tensors(self.tensor_state(), "", tensors)
-        staged = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+        cache: dict[str, torch.Tensor] = self.__dict__.setdefault("_staging", {})
+        staged = {}
+        for k, v in tensors.items():
+            v = v.detach()
+            buffer = cache.get(k)
+            if type(v) is torch.Tensor and buffer is not None and buffer.shape == v.shape and buffer.dtype == v.dtype:
+                staged[k] = buffer.copy_(v)
+            else:  # the first save, or a DTensor shard (FSDP): a fresh copy
+                staged[k] = v.to("cpu", copy=True)
+                if type(v) is torch.Tensor:
+                    cache[k] = staged[k]
         extra = {"skeleton": skeleton, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
         return staged, extra
 
