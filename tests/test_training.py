@@ -35,7 +35,7 @@ def test_job_trains_and_fills_the_run_directory(tmp_path):
     train = [m for m in run.metrics() if "loss" in m]
     evals = [m for m in run.metrics() if "eval_loss" in m]
     assert [m["step"] for m in train] == [1, 5, 10, 15, 20, 25, 30]
-    assert [m["step"] for m in evals] == [15, 30]
+    assert [m["step"] for m in evals] == [0, 15, 30]  # the default config evaluates on start: a baseline
     assert train[-1]["loss"] < train[0]["loss"] - 1.0  # from ~ln(256)=5.5 nats per byte, down
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert result["metrics"]["eval_loss"] == evals[-1]["eval_loss"]
@@ -104,7 +104,8 @@ def test_epochs_plan_and_early_stopping(tmp_path):
     result = run.result()
     assert result["status"] == "early_stopped"
     evals = [m for m in run.metrics() if "eval_loss" in m]
-    assert len(evals) == 3 and result["global_step"] == 6  # the first sets the best; two more without a 100-nat gain
+    # step 0 is the baseline (eval_on_start), not tracked; step 2 sets the best; two more without a 100-nat gain
+    assert [e["step"] for e in evals] == [0, 2, 4, 6] and result["global_step"] == 6
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
