@@ -249,19 +249,14 @@ def job_info(job_id: str) -> dict[str, str]:
 def follow(run_dir: Path, job_id: str, *, poll_s: float = 1.0) -> int:
     """Print rank 0's log as it grows until the job is over (requeues included). Exit code: 0 when
     result.json says completed (or early_stopped)."""
+    from launcher.rundir import print_appended
+
     log = run_dir / "logs" / "rank-0.log"
     offset = 0
     state = ""
     try:
         while True:
-            if log.exists():
-                with log.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                offset += len(chunk)
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
+            offset = print_appended(log, offset)
             info = job_info(job_id)
             if info.get("JobState") != state and info:
                 state = info["JobState"]

@@ -29,6 +29,8 @@ from typing import Any
 
 from omegaconf import DictConfig, read_write
 
+from launcher.rundir import read_json
+
 TRIAL_FILE = "trial.json"
 
 
@@ -152,13 +154,6 @@ def wait_for_result(run_dir: Path, timeout_s: float = 60.0) -> dict | None:
             return result
         time.sleep(0.5)
     return None
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def summarize(sweep_dir: Path, *, quiet: bool = False) -> list[dict[str, Any]]:

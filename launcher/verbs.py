@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from launcher.rundir import print_appended, read_json
+
 
 def error(message: str) -> int:
     print(f"ringleader: error: {message}", file=sys.stderr)
@@ -27,13 +29,6 @@ def run_dir_arg(args: list[str], verb: str) -> Path | None:
         error(f"{run_dir} is not a ringleader run directory (no config.yaml); give the train.output_dir of a run")
         return None
     return run_dir
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def last_step(run_dir: Path) -> int | None:
@@ -58,8 +53,8 @@ def status(args: list[str]) -> int:
         return 2
     from cluster.slurm import job_info, read_job
 
-    plan = read_json(run_dir / "plan.json")
-    result = read_json(run_dir / "result.json")
+    plan = read_json(run_dir / "plan.json") or {}
+    result = read_json(run_dir / "result.json") or {}
     rows = [("run directory", str(run_dir)), ("where", f"{plan.get('cluster', '?')}: {plan.get('nodes', '?')} node(s) x {plan.get('nproc_per_node', '?')}")]
     job_id = read_job(run_dir)
     if job_id:
@@ -120,13 +115,7 @@ def logs(args: list[str]) -> int:
     offset = 0
     try:
         while True:
-            if path.exists():
-                with path.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                offset += len(chunk)
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
+            offset = print_appended(path, offset)
             if not follow:
                 return 0
             time.sleep(1.0)

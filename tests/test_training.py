@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

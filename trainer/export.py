@@ -11,7 +11,6 @@ process group (torch.distributed.checkpoint reshards N ranks' shards into the pl
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import warnings
