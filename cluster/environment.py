@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -95,7 +94,7 @@ class SlurmEnvironment(Environment):
     @property
     def first_host(self) -> str:
         hosts = expand_hostlist(self.nodelist)
-        return hosts[0] if hosts else socket.gethostname()
+        return hosts[0] if hosts else os.uname().nodename
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,4 +160,4 @@ def describe_host(environ: Mapping[str, str] | None = None) -> Host:
             gpus = len(os.listdir("/proc/driver/nvidia/gpus"))
         except OSError:
             gpus = 0
-    return Host(hostname=socket.gethostname(), cpus=cpus, gpus=gpus)
+    return Host(hostname=os.uname().nodename, cpus=cpus, gpus=gpus)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 
 from launcher.schema import RunConfig
@@ -28,6 +27,8 @@ def spawn(plan) -> int:
     """Run torchrun and wait. Ctrl-C or SIGTERM is passed to torchrun once, which asks every rank to
     stop (SIGTERM); ranks stop at a step boundary. A second Ctrl-C kills the whole job at once."""
     env = {**os.environ, **plan.env}
+    import subprocess  # here, not at the top: the dry run plans with this module, and never spawns
+
     # torchrun gets its own process group so a terminal's Ctrl-C reaches it once, through us.
     child = subprocess.Popen(plan.command, env=env, start_new_session=True)
     received: list[int] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,14 @@ from launcher.validate import validate_config, validate_hardware
 @dataclass(frozen=True, kw_only=True)
 class Prepared:
     config: RunConfig  # hardware resolved, output_dir absolute: what every rank reads
-    resolved: DictConfig
     plan: Plan
     text: str
+
+    @functools.cached_property
+    def resolved(self) -> DictConfig:
+        """The config as written to config.yaml; built only when a run directory is (a dry run
+        skips it: ~40 ms)."""
+        return OmegaConf.structured(self.config)
 
 
 def prepare(composed: Composed) -> Prepared:
@@ -39,4 +45,4 @@ def prepare(composed: Composed) -> Prepared:
 
         raise ConfigError("train.output_dir", f"{run_dir} exists and is not a folder; choose another train.output_dir")
     plan = plan_run(cfg, host, run_dir)
-    return Prepared(config=cfg, resolved=OmegaConf.structured(cfg), plan=plan, text=render_plan(plan, cfg))
+    return Prepared(config=cfg, plan=plan, text=render_plan(plan, cfg))

@@ -6,6 +6,7 @@ reads the same files through the same functions, so the two always agree.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -71,13 +72,14 @@ def text_files(patterns: list[str]) -> list[Path]:
     return sorted(files)
 
 
-def shuffled(files: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
-    """A fixed pseudo-random order (by a hash of each name): a cap on bytes then takes a mix of
-    modules rather than the alphabet's first, the same on every machine and every rank."""
-    return sorted(files, key=lambda f: (zlib.crc32(f[0].as_posix().encode()), f[0].as_posix()))
+def shuffled(files: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """A fixed pseudo-random order (by a hash of each posix path; relative to the standard library
+    for pystdlib): a cap on bytes then takes a mix of modules rather than the alphabet's first, the
+    same on every machine and every rank."""
+    return sorted(files, key=lambda f: (zlib.crc32(f[0].encode()), f[0]))
 
 
-def file_splits(files: list[tuple[Path, int]], data: DataConfig) -> dict[str, Split]:
+def file_splits(files: list[tuple[str, int]], data: DataConfig) -> dict[str, Split]:
     """The files' bytes in order, capped at `max_bytes`; validation is the last
     `validation_fraction` of them, training the rest. Sizes come from stat alone."""
     chosen: list[Path] = []
@@ -85,7 +87,7 @@ def file_splits(files: list[tuple[Path, int]], data: DataConfig) -> dict[str, Sp
     for path, size in files:
         if size == 0:
             continue
-        chosen.append(path)
+        chosen.append(Path(path))
         total += size
         if data.max_bytes and total >= data.max_bytes:
             total = data.max_bytes
@@ -97,13 +99,19 @@ def file_splits(files: list[tuple[Path, int]], data: DataConfig) -> dict[str, Sp
     }
 
 
+@functools.lru_cache(maxsize=1)
+def pystdlib_order() -> tuple[tuple[str, int], ...]:
+    """The standard library's files (absolute path, size) in their fixed order; computed once per
+    process, as the planner asks for each split in turn."""
+    root = Path(sysconfig.get_paths()["stdlib"]).as_posix()
+    return tuple((f"{root}/{p}", n) for p, n in shuffled(pystdlib_files()))
+
+
 def split_of(data: DataConfig, split: str) -> Split:
     if data.name == "pystdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        ordered = shuffled([(Path(p), n) for p, n in pystdlib_files()])
-        return file_splits([(root / p, n) for p, n in ordered], data)[split]
+        return file_splits(list(pystdlib_order()), data)[split]
     if data.name == "text_files":
-        return file_splits(shuffled([(p, p.stat().st_size) for p in text_files(data.paths)]), data)[split]
+        return file_splits(shuffled([(p.as_posix(), p.stat().st_size) for p in text_files(data.paths)]), data)[split]
     raise ValueError(f"data {data.name} has no file splits")
 
 
