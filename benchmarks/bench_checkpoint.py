@@ -1,22 +1,41 @@
-"""Checkpoint save and load against the disk's own speed, interleaved in one run. Goals:
-write throughput of a synchronous save over a raw sequential write of the same bytes to the same
-disk with fsync: at least 0.7; the time an asynchronous save blocks training over a synchronous
-save: at most 0.1; load time over save time: at most 1.5.
+"""Checkpoint save and load against the disk's own speed, and what an asynchronous save costs
+training, interleaved in one run. Goals: write throughput of a synchronous save over a raw
+sequential write of the same bytes to the same disk with fsync: at least 0.7; the time an
+asynchronous save blocks training over a synchronous save: at most 0.1; load time over save time:
+at most 1.5.
 
 The real CheckpointManager and DDP strategy, in one process (world size 1: no process group is
 needed; with more ranks each writes its share in parallel). The state is a GPT's parameters and
-AdamW's two moments, >= 200 MB. A save counts everything up to a checkpoint that survives a crash:
-DCP's shards, RNG, loop state, fsync of every file, the CRC32 manifest, the marker, the renames.
-A load verifies every file against the marker, then reads the shards into model and optimizer; it
-runs right after a save, from the page cache, as a resume after a crash usually does.
+AdamW's two moments, >= 200 MB. Each repeat measures, in this order (medians are reported):
 
-    python benchmarks/bench_checkpoint.py [--layers 6] [--width 512] [--repeat 3] [--dir DIR]
+- raw write: as many random bytes as a checkpoint holds, written sequentially to one file in the
+  same folder in 64 MB chunks, then fsync.
+- sync save: CheckpointManager.save, everything up to a checkpoint that survives a crash: DCP's
+  shards, RNG, loop state, fsync and CRC32 of every file, the marker, the renames.
+- load: restore() of that checkpoint: every file verified against the marker, then read into model
+  and optimizer, right after the save, from the page cache, as a resume after a crash usually is.
+- the cost of an asynchronous save to training: the same `steps` training steps (forward,
+  backward, AdamW step, on one fixed batch) timed twice, once as they are and once with
+  save(asynchronous=True) called at the step boundary before them; the second time also counts
+  the wait() after the last step, whatever the save still had to do then (`steps` is chosen so
+  that it has normally finished). The difference is the time the save took from training: the
+  call, the first optimizer step's wait for the copy of the state, and the CPU and memory
+  bandwidth the writer thread took. The order of the two alternates between repeats. The ratio
+  is the median of these differences over the median synchronous save.
+
+Training runs on all cores but one (--train-threads): an asynchronous save is for machines with
+CPU to spare for writing while the accelerators train. With --train-threads equal to the number of
+cores, the writer's CPU time can only come out of training's; the figure is then no longer about
+blocking, and that run is recorded separately (results/checkpoint_all_cores.json).
+
+    python -m benchmarks.bench_checkpoint [--layers 6] [--width 512] [--repeat 9] [--train-threads N] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -40,11 +59,18 @@ def build(layers: int, width: int):
     cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.block_size = layers, width, 8, 64
     torch.manual_seed(0)
     strategy = build_strategy("ddp", cfg=cfg, device=torch.device("cpu"))
-    strategy.setup(build_model(cfg.model), total_steps=100, warmup_steps=0)
-    ids = torch.randint(0, 256, (2, 64))
-    strategy.backward(strategy.forward(ids, ids))
-    strategy.step()  # the optimizer's moments exist from here on
+    strategy.setup(build_model(cfg.model), total_steps=1_000_000, warmup_steps=0)
+    train(strategy, 1)  # the optimizer's moments exist from here on
     return strategy
+
+
+def train(strategy, steps: int) -> None:
+    import torch
+
+    ids = torch.arange(128).remainder(256).view(2, 64)
+    for _ in range(steps):
+        strategy.backward(strategy.forward(ids, ids))
+        strategy.step()
 
 
 def raw_write(path: Path, data: memoryview) -> float:
@@ -65,10 +91,12 @@ def checkpoint_bytes(folder: Path) -> int:
 
 
 def main() -> None:
+    cores = os.cpu_count() or 1
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=512)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=9)
+    p.add_argument("--train-threads", type=int, default=max(1, cores - 1), help="torch threads for training (default: all cores but one)")
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder in /tmp)")
     args = p.parse_args()
 
@@ -77,37 +105,56 @@ def main() -> None:
     from trainer.checkpoint import CheckpointManager
     from trainer.loop import LoopState
 
+    torch.set_num_threads(args.train_threads)
     strategy = build(args.layers, args.width)
     state_bytes = sum(t.numel() * t.element_size() for t in strategy.model.parameters())
     state_bytes += sum(v.numel() * v.element_size() for s in strategy.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     tmp = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=args.dir))
+    root = tmp / "checkpoints"
     try:
-        checkpoints = CheckpointManager(tmp / "checkpoints", rank=0, world_size=1, device=torch.device("cpu"), save_total_limit=0, config_hash="bench")
+        checkpoints = CheckpointManager(root, rank=0, world_size=1, device=torch.device("cpu"), save_total_limit=0, config_hash="bench")
         loop = dataclasses.asdict(LoopState(step=1))
-        checkpoints.save(0, strategy, loop)  # warm-up: imports, first-touch allocations
-        size = checkpoint_bytes(tmp / "checkpoints" / "step-0")
-        shutil.rmtree(tmp / "checkpoints" / "step-0")
+        # Warm-up: imports, first-touch allocations, the staging buffers of asynchronous saves.
+        checkpoints.save(0, strategy, loop)
+        size = checkpoint_bytes(root / "step-0")
+        start = time.perf_counter()
+        checkpoints.save(1, strategy, loop, asynchronous=True)
+        checkpoints.wait()
+        async_alone = time.perf_counter() - start
+        start = time.perf_counter()
+        train(strategy, 2)
+        step_s = (time.perf_counter() - start) / 2
+        steps = max(3, math.ceil(2 * async_alone / step_s))  # the save normally ends well within them
+        for step in (0, 1):
+            shutil.rmtree(root / f"step-{step}")
         data = memoryview(os.urandom(size))
 
-        raw, sync, blocked, async_total, load = [], [], [], [], []
+        raw, sync, load, plain, with_save, extra, call = [], [], [], [], [], [], []
+        still_running = 0
         for i in range(args.repeat):  # interleaved: drift of a shared machine hits all alike
             raw.append(raw_write(tmp / "raw.bin", data))
 
             start = time.perf_counter()
-            checkpoints.save(2 * i + 1, strategy, loop)
+            checkpoints.save(10 * i + 2, strategy, loop)
             sync.append(time.perf_counter() - start)
 
             start = time.perf_counter()
-            path, _ = checkpoints.restore(str(tmp / "checkpoints" / f"step-{2 * i + 1}"), strategy)
+            checkpoints.restore(str(root / f"step-{10 * i + 2}"), strategy)
             load.append(time.perf_counter() - start)
 
-            start = time.perf_counter()
-            checkpoints.save(2 * i + 2, strategy, loop, asynchronous=True)
-            blocked.append(time.perf_counter() - start)
-            checkpoints.wait()
-            async_total.append(time.perf_counter() - start)
-            for step in (2 * i + 1, 2 * i + 2):
-                shutil.rmtree(tmp / "checkpoints" / f"step-{step}")
+            for with_async in (i % 2 == 0, i % 2 == 1):
+                start = time.perf_counter()
+                if with_async:
+                    checkpoints.save(10 * i + 3, strategy, loop, asynchronous=True)
+                    call.append(time.perf_counter() - start)
+                train(strategy, steps)
+                if with_async:
+                    still_running += checkpoints.pending is not None and checkpoints.pending.is_alive()
+                    checkpoints.wait()
+                (with_save if with_async else plain).append(time.perf_counter() - start)
+            extra.append(with_save[-1] - plain[-1])
+            for step in (10 * i + 2, 10 * i + 3):
+                shutil.rmtree(root / f"step-{step}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -116,21 +163,29 @@ def main() -> None:
         "checkpoint_mb": round(size / 1e6, 1),
         "raw_write_s": round(median(raw), 4),
         "sync_save_s": round(median(sync), 4),
-        "async_save_blocking_s": round(median(blocked), 4),
-        "async_save_total_s": round(median(async_total), 4),
         "load_s": round(median(load), 4),
         "raw_write_mb_per_s": round(size / median(raw) / 1e6, 1),
         "save_mb_per_s": round(size / median(sync) / 1e6, 1),
+        "train_threads": args.train_threads,
+        "train_step_s": round(step_s, 4),
+        "steps_per_window": steps,
+        "window_without_save_s": round(median(plain), 4),
+        "window_with_async_save_s": round(median(with_save), 4),
+        "async_save_extra_s": round(median(extra), 4),
+        "async_save_call_s": round(median(call), 4),
+        "async_saves_unfinished_after_window": still_running,
         "ratios": {
             "save_throughput_over_raw_write": {"value": round(median(raw) / median(sync), 4), "goal": ">= 0.7"},
-            "async_blocking_over_sync_save": {"value": round(median(blocked) / median(sync), 4), "goal": "<= 0.1"},
+            "async_blocking_over_sync_save": {"value": round(median(extra) / median(sync), 4), "goal": "<= 0.1"},
             "load_over_save": {"value": round(median(load) / median(sync), 4), "goal": "<= 1.5"},
+            # Not a goal: what the call itself blocks, the figure this benchmark reported before.
+            "async_call_over_sync_save": {"value": round(median(call) / median(sync), 4)},
         },
-        "samples": {"raw_write_s": raw, "sync_save_s": sync, "async_blocking_s": blocked, "load_s": load},
-        "model": f"GPT n_layer={args.layers} n_embd={args.width}, AdamW, DDP strategy, world size 1",
-        "command": "python benchmarks/bench_checkpoint.py",
+        "samples": {"raw_write_s": raw, "sync_save_s": sync, "load_s": load, "async_save_extra_s": extra, "window_without_save_s": plain, "window_with_async_save_s": with_save},
+        "model": f"GPT n_layer={args.layers} n_embd={args.width}, AdamW, DDP strategy, world size 1, batch 2 x 64 tokens",
+        "command": "python -m benchmarks.bench_checkpoint" + (f" --train-threads {args.train_threads}" if args.train_threads != max(1, cores - 1) else ""),
     }
-    record("checkpoint", results)
+    record("checkpoint" if args.train_threads < cores else "checkpoint_all_cores", results)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,25 @@ def test_a_crafted_metadata_pickle_runs_no_code_and_is_named(saved, tmp_path):
     assert sentinel.exists()
 
 
+def test_a_step_right_after_an_async_save_waits_for_its_copy(tmp_path, monkeypatch):
+    """An asynchronous save returns before it has copied the state; the copy runs on the writer
+    thread, here 2 s late (a fault point). The optimizer step issued at once must wait for it: the
+    checkpoint holds the state of its own step, and equals a synchronous save of that state."""
+    from trainer import faults
+
+    strategy, checkpoints = tiny_strategy(), manager(tmp_path / "checkpoints")
+    train_step(strategy)
+    checkpoints.save(1, strategy, dataclasses.asdict(LoopState(step=1)))
+    monkeypatch.setattr(faults, "FAULTS", faults.parse("save-async-copy:0:2:delay", 0))
+    checkpoints.save(2, strategy, dataclasses.asdict(LoopState(step=1)), asynchronous=True)
+    train_step(strategy)  # changes every parameter and both Adam moments
+    checkpoints.wait()
+    sync, asynchronous = (read_dcp(tmp_path / "checkpoints" / f"step-{s}" / "dcp") for s in (1, 2))
+    assert_same_tensors(asynchronous, sync)
+    assert not torch.equal(strategy.model.state_dict()["wte.weight"], sync["/model/wte.weight"]), "the step after the save changed nothing"
+    manager(tmp_path / "checkpoints").verify_together(tmp_path / "checkpoints" / "step-2")
+
+
 @pytest.mark.parametrize(("limit", "keep", "left"), [(1, {2}, [2, 5]), (2, {1}, [1, 4, 5]), (1, set(), [5])])
 def test_retention_keeps_the_newest_and_the_best(tmp_path, limit, keep, left):
     save_steps(tmp_path / "checkpoints", [1, 2, 3, 4, 5], limit=limit, keep=keep)

@@ -15,7 +15,8 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import TINY, Run, run_launcher
+from tests.checkpoint_tools import assert_same_tensors, log_of, read_dcp
+from tests.conftest import TINY, Run, launcher_env, run_launcher
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 COMMON = [*TINY, "train.max_steps=20", "train.gradient_accumulation_steps=2", "train.save_strategy=steps", "train.save_steps=10", "train.save_total_limit=2"]
@@ -67,6 +68,17 @@ def test_interrupted_and_resumed_ends_bit_identical(runs, strategy, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{strategy}: {k} differs after resume"
+
+
+def test_fsdp_async_save_holds_the_state_of_its_step(runs, tmp_path):
+    """FSDP's DTensor shards through asynchronous saves. The copy of step 10's state runs 2 s late
+    on both ranks (a fault point), so step 11's optimizer step must wait for it; the checkpoints
+    and the final weights are the synchronous run's, bit for bit."""
+    run = run_launcher(tmp_path / "run", *args("fsdp", "train.save_async=true"), env=launcher_env(RINGLEADER_FAULT="save-async-copy:0:10:delay,save-async-copy:1:10:delay"))
+    assert "fault injection" in log_of(run.run_dir, 0) and "fault injection" in log_of(run.run_dir, 1)
+    for step in (10, 20):
+        assert_same_tensors(read_dcp(run.run_dir / "checkpoints" / f"step-{step}" / "dcp"), read_dcp(runs["fsdp"].run_dir / "checkpoints" / f"step-{step}" / "dcp"))
+    assert_same_tensors(run.weights(), runs["fsdp"].weights())
 
 
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])

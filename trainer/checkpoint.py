@@ -1,14 +1,17 @@
 """Sharded, atomic checkpoints: checkpoints/step-<N>/ counts only when its COMPLETE marker exists.
 
 A save writes into step-<N>.tmp/: every rank its shards (through the strategy) and its RNG state,
-rank 0 the loop's state and the config. After a barrier the ranks share out the files to fsync and
-checksum (each writes .manifest-<rank>.json); after a second barrier rank 0 merges them into
-COMPLETE (every file's size and CRC32) and renames the folder to step-<N>. A crash at any moment
-leaves either no step-<N> or a complete one. Retention renames a folder to .deleting-* before
-removing it, so a half-deleted checkpoint is never taken for a good one. Loading checks every file
-against the marker first (the ranks share that work too), so a truncated, missing or corrupt file
-is named before any state is touched. Nothing here unpickles: JSON, safetensors, and DCP through
-safe_dcp. The manager calls the strategy's save_state/load_state only, so DeepSpeed's own sharded
+rank 0 the loop's state and the config; every file is fsynced as it is closed, its size and CRC32
+taken from the bytes as they are written (trainer/durable.py). Each rank lists its own files in
+.manifest-<rank>.json; for a strategy that cannot tell which files it wrote (DeepSpeed), the ranks
+share out all the files to fsync and read back instead. After a barrier rank 0 merges the
+manifests into COMPLETE (every file's size and CRC32) and renames the folder to step-<N>. A crash
+at any moment leaves either no step-<N> or a complete one. Retention renames a folder to
+.deleting-* before removing it, so a half-deleted checkpoint is never taken for a good one.
+Loading checks every file against the marker first (the ranks share that work too), so a
+truncated, missing or corrupt file is named before any state is touched. Nothing here unpickles:
+JSON, safetensors, and DCP through safe_dcp. The manager calls the strategy's save_state and
+load_state (staged_state and write_state for an asynchronous save), so DeepSpeed's own sharded
 format goes through the same marker, retention and resume logic.
 """
 
@@ -19,58 +22,34 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
+from trainer.durable import FileInfo, crc32_of, describe, fsync_dir, write_file
 from trainer.faults import fault_point
 
 log = logging.getLogger("ringleader")
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = re.compile(r"^\.manifest-\d+\.json$")
+SAVE_SWITCH_INTERVAL_S = 5e-5  # sys.setswitchinterval while an asynchronous save runs (see save)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def crc32_of(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def payload_files(folder: Path) -> list[str]:
     """The checkpoint's files, as sorted relative paths: all but the marker and the manifests."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER and not MANIFEST.match(p.name))
-
-
-def describe(folder: Path, names: list[str]) -> dict[str, dict[str, int]]:
-    """fsync each file (it must be on disk before the marker is) and record its size and CRC32."""
-    files = {}
-    for name in names:
-        path = folder / name
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        files[name] = {"size": path.stat().st_size, "crc32": crc32_of(path)}
-    return files
 
 
 def read_marker(folder: Path) -> dict[str, Any]:
@@ -176,60 +155,79 @@ class CheckpointManager:
     # -- saving ----------------------------------------------------------------------------------
 
     def save(self, step: int, strategy, loop_state: dict[str, Any], *, keep: set[int] = frozenset(), asynchronous: bool = False) -> None:
-        """Save the state after `step`. Collective. With `asynchronous`, the state is copied now and
-        written by a thread; the next save (or `wait`) waits for it."""
+        """Save the state after `step`. Collective. With `asynchronous`, a thread copies the state
+        and writes it; this returns at once, and the strategy's next step() waits for the copy
+        only (see NativeStrategy.staged_state). The next save (or `wait`) waits for the whole."""
         self.wait()
         tmp = self.root / f"step-{step}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         rng = {k: v.clone() for k, v in rng_state(self.device).items()}
         loop_state = json.loads(json.dumps(loop_state))  # a copy: the loop goes on changing its own
         if asynchronous and hasattr(strategy, "staged_state"):
-            tensors, extra = strategy.staged_state()  # a copy taken now (pytorch #144657)
+            staged = threading.Event()
+            tensors, extra, copy = strategy.staged_state(staged)
+            # CPython passes the GIL on after 5 ms by default: while the writer runs Python (DCP
+            # serialises tensor by tensor), training then waits up to 5 ms for it after every
+            # operator (the convoy effect, CPython issue 7946); a busy thread made training
+            # steps ~3x slower here. A short interval while the save runs lets them interleave.
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, SAVE_SWITCH_INTERVAL_S))
 
             def write() -> None:
                 try:
+                    try:
+                        fault_point("save-async-copy", step, self.rank)
+                        copy()
+                    finally:
+                        staged.set()  # training may change the state from here on
                     fault_point("save-async-write", step, self.rank)
-                    self._write_native(tmp, tensors, extra)
-                    self._commit(step, tmp, rng, loop_state, keep, strategy)
+                    written = strategy.write_state(tmp, tensors, extra, process_group=self.group)
+                    self._commit(step, tmp, rng, loop_state, keep, strategy, written)
                 except BaseException as exc:  # reported by the next wait()
                     self.pending_error = exc
+                finally:
+                    sys.setswitchinterval(interval)
 
             self.pending = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
-            self.pending.start()
+            try:
+                self.pending.start()
+            except BaseException:
+                staged.set()  # no thread: training must not wait for it forever
+                sys.setswitchinterval(interval)
+                self.pending = None
+                raise
             return
-        strategy.save_state(tmp, process_group=self.group)
-        self._commit(step, tmp, rng, loop_state, keep, strategy)
+        written = strategy.save_state(tmp, process_group=self.group)
+        self._commit(step, tmp, rng, loop_state, keep, strategy, written)
 
-    def _write_native(self, tmp: Path, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        from trainer.strategies.native import dcp_writer
-
-        dcp.save(tensors, storage_writer=dcp_writer(tmp / "dcp"), process_group=self.group)
-        if self.rank == 0:
-            (tmp / "strategy.json").write_text(json.dumps(extra))
-
-    def _commit(self, step: int, tmp: Path, rng: dict[str, torch.Tensor], loop_state: dict[str, Any], keep: set[int], strategy=None) -> None:
-        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / f"rng-{self.rank}.safetensors"))
+    def _commit(self, step: int, tmp: Path, rng: dict[str, torch.Tensor], loop_state: dict[str, Any], keep: set[int], strategy, written: dict[str, FileInfo] | None) -> None:
+        """Write this rank's RNG state (rank 0: the loop's state and the config), describe the files
+        and, on rank 0, write the marker and rename. `written`: the files the strategy wrote on this
+        rank, fsynced, with size and CRC32; None when it cannot tell (DeepSpeed), and then the ranks
+        share out all the files to fsync and read back."""
+        own = {f"rng-{self.rank}.safetensors": write_file(tmp / f"rng-{self.rank}.safetensors", safetensors_bytes({k: v.contiguous() for k, v in rng.items()}))}
         if self.rank == 0:
             state = {"loop": loop_state, "config_hash": self.config_hash, "world_size": self.world_size, "strategy": type(strategy).__name__ if strategy else None}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            own["trainer_state.json"] = write_file(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())
             config = self.root.parent / "config.yaml"
             if config.is_file():  # what `export` builds the model from, even after the run's config changed
-                shutil.copyfile(config, tmp / "config.yaml")
+                own["config.yaml"] = write_file(tmp / "config.yaml", config.read_bytes())
         fault_point("save-shard", step, self.rank, before=lambda: self._truncate_own_shards(tmp))
         self._barrier()
-        # Every rank fsyncs and checksums a share of the files, in parallel.
         names = payload_files(tmp)
-        (tmp / f".manifest-{self.rank}.json").write_text(json.dumps(describe(tmp, names[self.rank :: self.world_size])))
+        mine = {**written, **own} if written is not None else describe(tmp, names[self.rank :: self.world_size])
+        (tmp / f".manifest-{self.rank}.json").write_text(json.dumps(mine))
         self._barrier()
         if self.rank == 0:
-            files: dict[str, dict[str, int]] = {}
+            files: dict[str, FileInfo] = {}
             for r in range(self.world_size):
                 files.update(json.loads((tmp / f".manifest-{r}.json").read_text()))
             missing = set(names) - set(files)
             if missing:
                 raise CheckpointError(f"{tmp}: no checksum for {sorted(missing)[0]}; a rank did not describe its files")
+            changed = [name for name, info in files.items() if (tmp / name).stat().st_size != info["size"]]
+            if changed:  # written to after it was described: its checksum would not hold
+                raise CheckpointError(f"{tmp / changed[0]}: {(tmp / changed[0]).stat().st_size} bytes, described with {files[changed[0]]['size']}")
             fault_point("save-marker", step, self.rank)
             marker = {"step": step, "world_size": self.world_size, "files": files}
             with open(tmp / MARKER, "w") as f:

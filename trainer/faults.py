@@ -26,7 +26,8 @@ POINTS = {
     "save-marker": "saving step STEP: all files in, before the COMPLETE marker (rank 0)",
     "save-rename": "saving step STEP: marker written, before step-N.tmp becomes step-N (rank 0)",
     "save-retention": "saving step STEP: an old checkpoint renamed and partly deleted (rank 0)",
-    "save-async-write": "saving step STEP asynchronously: in the writer thread, before it writes",
+    "save-async-copy": "saving step STEP asynchronously: in the writer thread, before it copies the state",
+    "save-async-write": "saving step STEP asynchronously: in the writer thread, state copied, before it writes",
 }
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from launcher.schema import RunConfig
+from trainer.durable import FileInfo
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,7 +24,8 @@ class Strategy(ABC):
     """Wrap a model and its optimizer, run forward/backward/step, and save or load their state.
 
     Subclasses: DDP and FSDP2 (torch.distributed.checkpoint for state) and DeepSpeed ZeRO (its own
-    engine and checkpoint format). The checkpoint manager only calls save_state/load_state.
+    engine and checkpoint format). The checkpoint manager calls save_state/load_state, and for an
+    asynchronous save staged_state/write_state where a strategy has them (NativeStrategy).
     """
 
     model: nn.Module  # what forward runs on
@@ -68,8 +70,10 @@ class Strategy(ABC):
     def learning_rate(self) -> float: ...
 
     @abstractmethod
-    def save_state(self, path: Path, *, process_group=None) -> None:
-        """Write this rank's share of model, optimizer, schedule and scaler state under path."""
+    def save_state(self, path: Path, *, process_group=None) -> dict[str, FileInfo] | None:
+        """Write this rank's share of model, optimizer, schedule and scaler state under path.
+        Return the files this rank wrote (relative to path), fsynced, with their size and CRC32,
+        or None when the strategy cannot tell: the checkpoint manager then reads them back."""
 
     @abstractmethod
     def load_state(self, path: Path) -> None: ...

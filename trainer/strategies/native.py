@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
+from trainer.durable import ChecksummingFileSystem, FileInfo, write_file
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
-from trainer.strategies.base import StepResult, Strategy
+from trainer.strategies.base import StepResult, Strategy, unwrap
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -46,14 +51,50 @@ def int_keys(state: dict) -> dict:
     return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in state.items()}
 
 
-def dcp_writer(folder: Path) -> dcp.FileSystemWriter:
-    """DCP's writer without its own fsyncs: the checkpoint manager fsyncs every file once, before
-    it writes the COMPLETE marker (DCP's per-file syncs made a save ~1.5x slower here)."""
-    return dcp.FileSystemWriter(str(folder), sync_files=False)
+@contextmanager
+def without_zip_crc32() -> Iterator[None]:
+    """torch.save, which DCP runs for every tensor, computes a CRC32 of each record of its zip
+    format. Nothing reads it (torch.load does not check it) and the COMPLETE marker holds a CRC32
+    of every whole file, so it only cost time: ~20% of a save. A process-wide setting, so it is
+    restored at once; a torch.save of another thread in between only lacks that unused CRC."""
+    if not hasattr(torch.serialization, "set_crc32_options"):  # torch < 2.6 always computes it
+        yield
+        return
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
+def dcp_save(tensors: dict[str, torch.Tensor], folder: Path, *, process_group=None) -> dict[Path, FileInfo]:
+    """DCP save of `tensors` into folder; return the size and CRC32 of each file this rank wrote,
+    already fsynced (so the checkpoint manager does not read them back). DCP's own per-file syncs
+    are off: ChecksummingFileSystem fsyncs every file once, as it closes it."""
+    writer = dcp.FileSystemWriter(str(folder), sync_files=False)
+    writer.fs = ChecksummingFileSystem()
+    with without_zip_crc32():
+        dcp.save(tensors, storage_writer=writer, process_group=process_group)
+    return writer.fs.written
+
+
+def same_layout(buffer: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether a staging buffer kept from the previous save can take `t`."""
+    if buffer is None or type(buffer) is not type(t) or buffer.shape != t.shape or buffer.dtype != t.dtype:
+        return False
+    return not isinstance(t, DTensor) or (buffer.placements == t.placements and buffer.device_mesh == t.device_mesh)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class NativeStrategy(Strategy):
     """DDP and FSDP2: subclasses wrap the model (`wrap`) and control gradient sync (`backward`)."""
+
+    _staged: threading.Event | None = None  # set when an asynchronous save has copied the state
 
     def setup(self, model: nn.Module, *, total_steps: int, warmup_steps: int) -> None:
         self.model = self.wrap(model.to(self.device))
@@ -70,6 +111,7 @@ class NativeStrategy(Strategy):
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
 
     def step(self) -> StepResult:
+        self.wait_for_staging()
         self.scaler.unscale_(self.optimizer)
         norm = self.clip_grad_norm(self.cfg.train.max_grad_norm)
         finite = bool(torch.isfinite(norm))
@@ -90,37 +132,68 @@ class NativeStrategy(Strategy):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optimizer": optim_sd}
 
-    def save_state(self, path: Path, *, process_group=None) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = split_tensors(self.tensor_state(), "", tensors)
-        dcp.save(tensors, storage_writer=dcp_writer(path / "dcp"), process_group=process_group)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            extra = {"skeleton": skeleton, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-            (path / "strategy.json").write_text(json.dumps(extra))
+    def extra_state(self, skeleton: Any) -> dict[str, Any]:
+        """What goes to strategy.json: the state dict without its tensors, schedule and scaler."""
+        return {"skeleton": skeleton, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def staged_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """A copy of the state taken now, for an asynchronous save: training may change the
-        parameters as soon as this returns (the bug of pytorch #144657 was not copying CPU tensors).
-        Plain tensors are copied into CPU buffers kept from the previous save (the manager waits
-        for that one to finish first): allocating ~state-size fresh memory at every save costs
-        more than the copy (page faults), and would be most of what an async save blocks."""
+    def save_state(self, path: Path, *, process_group=None) -> dict[str, FileInfo]:
         tensors: dict[str, torch.Tensor] = {}
         skeleton = split_tensors(self.tensor_state(), "", tensors)
+        return self.write_state(path, tensors, self.extra_state(skeleton), process_group=process_group)
+
+    def write_state(self, path: Path, tensors: dict[str, torch.Tensor], extra: dict[str, Any], *, process_group=None) -> dict[str, FileInfo]:
+        """The tensors through DCP (every rank its shards), the rest as JSON (rank 0). Returns the
+        files this rank wrote, by path relative to `path`, each fsynced, with size and CRC32."""
+        written = {p.relative_to(path.absolute()).as_posix(): info for p, info in dcp_save(tensors, path / "dcp", process_group=process_group).items()}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            written["strategy.json"] = write_file(path / "strategy.json", json.dumps(extra).encode())
+        return written
+
+    def staged_state(self, staged: threading.Event) -> tuple[dict[str, torch.Tensor], dict[str, Any], Callable[[], None]]:
+        """For an asynchronous save, at a step boundary: CPU buffers for the tensors, the rest of
+        the state (a copy), and `copy`, which fills the buffers with the state as it is now.
+
+        The caller runs `copy` on its writer thread and then sets `staged`; until then step() and
+        the loads wait for it (wait_for_staging). So the copy overlaps the next forward and
+        backward, which only read parameters and optimizer state, and the checkpoint still holds
+        this step's state however soon training changes it (pytorch #144657 was an asynchronous
+        save that did not copy). Module buffers are copied at once: a forward may change them
+        (BatchNorm statistics, DDP's broadcast of buffers). The CPU buffers are kept from the
+        previous save (the manager waits for that one to finish first): allocating ~state-size
+        fresh memory at every save costs more than the copy (page faults)."""
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = split_tensors(self.tensor_state(), "", tensors)
+        extra = json.loads(json.dumps(self.extra_state(skeleton)))  # a copy: step() changes them
+        module_buffers = {f"/model/{name}" for name, _ in unwrap(self.model).named_buffers()}
         cache: dict[str, torch.Tensor] = self.__dict__.setdefault("_staging", {})
-        staged = {}
-        for k, v in tensors.items():
-            v = v.detach()
-            buffer = cache.get(k)
-            if type(v) is torch.Tensor and buffer is not None and buffer.shape == v.shape and buffer.dtype == v.dtype:
-                staged[k] = buffer.copy_(v)
-            else:  # the first save, or a DTensor shard (FSDP): a fresh copy
-                staged[k] = v.to("cpu", copy=True)
-                if type(v) is torch.Tensor:
-                    cache[k] = staged[k]
-        extra = {"skeleton": skeleton, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        return staged, extra
+        out, later = {}, []
+        for key, value in tensors.items():
+            value = value.detach()
+            if not same_layout(cache.get(key), value):
+                cache[key] = torch.empty_like(value, device="cpu")  # a DTensor's: its shard on the CPU
+            out[key] = cache[key]
+            pair = (local(cache[key]), local(value))
+            if key in module_buffers:
+                pair[0].copy_(pair[1])
+            else:
+                later.append(pair)
+
+        def copy() -> None:
+            for buffer, value in later:
+                buffer.copy_(value)
+
+        self._staged = staged
+        return out, extra, copy
+
+    def wait_for_staging(self) -> None:
+        """Called before anything changes parameters, optimizer state or schedule: an asynchronous
+        save may still be copying them (staged_state)."""
+        if self._staged is not None:
+            self._staged.wait()
+            self._staged = None
 
     def load_state(self, path: Path) -> None:
+        self.wait_for_staging()
         extra = json.loads((path / "strategy.json").read_text())
         tensors: dict[str, torch.Tensor] = {}
         split_tensors(self.tensor_state(), "", tensors)
@@ -144,4 +217,5 @@ class NativeStrategy(Strategy):
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
+        self.wait_for_staging()
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
