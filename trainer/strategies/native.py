@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +96,7 @@ class NativeStrategy(Strategy):
     """DDP and FSDP2: subclasses wrap the model (`wrap`) and control gradient sync (`backward`)."""
 
     _staged: threading.Event | None = None  # set when an asynchronous save has copied the state
+    staging_wait_s: float = 0.0  # total time training waited for asynchronous saves' copies
 
     def setup(self, model: nn.Module, *, total_steps: int, warmup_steps: int) -> None:
         self.model = self.wrap(model.to(self.device))
@@ -189,7 +191,9 @@ class NativeStrategy(Strategy):
         """Called before anything changes parameters, optimizer state or schedule: an asynchronous
         save may still be copying them (staged_state)."""
         if self._staged is not None:
+            start = time.perf_counter()
             self._staged.wait()
+            self.staging_wait_s += time.perf_counter() - start
             self._staged = None
 
     def load_state(self, path: Path) -> None:
