@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from trainer.durable import FileInfo, crc32_of, describe, fsync_dir, write_file
 from trainer.faults import fault_point
@@ -314,6 +313,8 @@ class CheckpointManager:
             state["loop"]["step"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
+        from torch.distributed.checkpoint.api import CheckpointException as DCPException
+
         try:
             strategy.load_state(path)
         except (Exception, DCPException) as exc:  # DCP's CheckpointException is a BaseException

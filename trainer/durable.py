@@ -1,5 +1,6 @@
-"""Files on disk with their size and CRC32: fsync, checksums, and a DCP file system that records
-both as it writes, so a checkpoint's files need not be read back to describe them.
+"""Files on disk with their size and CRC32: fsync, checksums, and a writer that records both as
+it writes (trainer/safe_dcp.py gives it to DCP), so a checkpoint's files need not be read back to
+describe them. No torch import: the trainer starts without torch.distributed.checkpoint.
 
 The CRC32 of a checkpoint file is taken from the bytes handed to the file as they are written: a
 read-back right after writing would come from the page cache, not the disk, so it checks nothing
@@ -13,11 +14,7 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-from torch.distributed.checkpoint.filesystem import FileSystem
 
 try:
     from isal.isal_zlib import crc32
@@ -120,34 +117,3 @@ class ChecksummingWriter(io.RawIOBase):
         if not self.closed:
             self.file.flush()
         super().close()
-
-
-class ChecksummingFileSystem(FileSystem):
-    """DCP's local file system, but every file it writes is fsynced when written and its size and
-    CRC32 are recorded in `written` (absolute paths; a rename, as of `.metadata`, follows along)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: dict[Path, FileInfo] = {}
-
-    @contextmanager
-    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
-        if mode != "wb":
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
-        path = Path(path)
-        with open(path, "wb") as f:
-            stream = ChecksummingWriter(f)
-            try:
-                yield stream
-                stream.sync()
-            finally:
-                if stream.flusher is not None:
-                    stream.flusher.join()  # not closing the file under a running fdatasync
-        self.written[path.absolute()] = stream.info
-
-    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
-        super().rename(path, new_path)
-        if (info := self.written.pop(Path(path).absolute(), None)) is not None:
-            self.written[Path(new_path).absolute()] = info

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,14 +15,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
-from trainer.durable import ChecksummingFileSystem, FileInfo, write_file
+from trainer.durable import FileInfo, write_file
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 from trainer.strategies.base import StepResult, Strategy, unwrap
 
 
@@ -73,6 +70,10 @@ def dcp_save(tensors: dict[str, torch.Tensor], folder: Path, *, process_group=No
     """DCP save of `tensors` into folder; return the size and CRC32 of each file this rank wrote,
     already fsynced (so the checkpoint manager does not read them back). DCP's own per-file syncs
     are off: ChecksummingFileSystem fsyncs every file once, as it closes it."""
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.safe_dcp import ChecksummingFileSystem
+
     writer = dcp.FileSystemWriter(str(folder), sync_files=False)
     writer.fs = ChecksummingFileSystem()
     with without_zip_crc32():
@@ -80,16 +81,23 @@ def dcp_save(tensors: dict[str, torch.Tensor], folder: Path, *, process_group=No
     return writer.fs.written
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Without importing torch.distributed.tensor (~1 s per rank): only FSDP makes DTensors, and
+    it has imported it."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
 def same_layout(buffer: torch.Tensor | None, t: torch.Tensor) -> bool:
     """Whether a staging buffer kept from the previous save can take `t`."""
     if buffer is None or type(buffer) is not type(t) or buffer.shape != t.shape or buffer.dtype != t.dtype:
         return False
-    return not isinstance(t, DTensor) or (buffer.placements == t.placements and buffer.device_mesh == t.device_mesh)
+    return not is_dtensor(t) or (buffer.placements == t.placements and buffer.device_mesh == t.device_mesh)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (FSDP), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 class NativeStrategy(Strategy):
@@ -130,7 +138,12 @@ class NativeStrategy(Strategy):
 
     # -- state -----------------------------------------------------------------------------------
 
+    # torch.distributed.checkpoint is imported where a checkpoint is saved or loaded, not at start-up
+    # (trainer/safe_dcp.py says why).
+
     def tensor_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optimizer": optim_sd}
 
@@ -197,6 +210,11 @@ class NativeStrategy(Strategy):
             self._staged = None
 
     def load_state(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+
         self.wait_for_staging()
         extra = json.loads((path / "strategy.json").read_text())
         tensors: dict[str, torch.Tensor] = {}
@@ -213,13 +231,13 @@ class NativeStrategy(Strategy):
             self.scaler.load_state_dict(extra["scaler"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         self.wait_for_staging()
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
