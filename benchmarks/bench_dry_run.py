@@ -5,6 +5,10 @@ Beside it, in the same interleaved rounds, the floor that any Hydra-composed CLI
 machine: the bare interpreter (`python -c pass`), `import hydra` (which imports OmegaConf), and
 Hydra's compose API on a one-key config. What ringleader itself adds is the dry run minus the last.
 
+Every case runs with bytecode caching on, as on a user's machine (pip compiles a wheel's modules at
+install; a clone writes __pycache__ on its first run). This workplace sets PYTHONDONTWRITEBYTECODE,
+which would recompile ringleader's ~17 modules on every run (~30 ms) and none of Hydra's.
+
     python benchmarks/bench_dry_run.py [--repeat 10]
 """
 
@@ -16,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import median, record, run
+from benchmarks.common import env, median, record, run
 
 CHECK = (
     "import sys; from launcher.__main__ import main; rc = main(sys.argv[1:]);"
@@ -29,9 +33,9 @@ HYDRA_COMPOSE = (
 )
 
 
-def timed(args: list[str]) -> float:
+def timed(args: list[str], environ: dict[str, str]) -> float:
     start = time.perf_counter()
-    run(args)
+    run(args, env=environ)
     return time.perf_counter() - start
 
 
@@ -40,6 +44,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
     py = sys.executable
+    environ = env()
+    environ.pop("PYTHONDONTWRITEBYTECODE", None)
     conf = Path(tempfile.mkdtemp(prefix="bench-dry-run-"))
     (conf / "config.yaml").write_text("a: 1\n")
     cases = {
@@ -49,19 +55,19 @@ def main() -> None:
         "floor_import_hydra": [py, "-c", "import hydra"],
         "floor_hydra_compose": [py, "-c", HYDRA_COMPOSE, str(conf)],
     }
-    heavy = {name: run([py, "-c", CHECK, *argv[3:]]).stdout.strip().splitlines()[-1] for name, argv in cases.items() if argv[1] == "-m"}
+    heavy = {name: run([py, "-c", CHECK, *argv[3:]], env=environ).stdout.strip().splitlines()[-1] for name, argv in cases.items() if argv[1] == "-m"}
     for argv in cases.values():
-        timed(argv)  # warm the page cache and __pycache__
+        timed(argv, environ)  # warm the page cache and __pycache__
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeat):  # interleaved: drift of a shared machine hits every case alike
         for name, argv in cases.items():
-            times[name].append(timed(argv))
+            times[name].append(timed(argv, environ))
     out = {name: {"median_s": round(median(ts), 3), "min_s": round(min(ts), 3)} for name, ts in times.items()}
     for name, text in heavy.items():
         out[name].update(heavy_imports=text, goal_s=0.5)
     floor = median(times["floor_hydra_compose"])
     own = {name: round(median(times[name]) - floor, 3) for name in heavy}
-    record("dry_run", {"cases": out, "ringleader_over_hydra_floor_s": own, "command": "python -m benchmarks.bench_dry_run"})
+    record("dry_run", {"cases": out, "ringleader_over_hydra_floor_s": own, "bytecode_cache": True, "command": "python -m benchmarks.bench_dry_run"})
 
 
 if __name__ == "__main__":
