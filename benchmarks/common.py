@@ -22,7 +22,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=kwargs.pop("env", env()), **kwargs)
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=kwargs.pop("cwd", ROOT), env=kwargs.pop("env", env()), **kwargs)
     if proc.returncode != 0:
         raise RuntimeError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
