@@ -157,7 +157,6 @@ def main() -> None:
                 train(strategy, steps)
                 if with_async:
                     blocked.append(call[-1] + strategy.staging_wait_s - waited)
-                if with_async:
                     still_running += checkpoints.pending is not None and checkpoints.pending.is_alive()
                     checkpoints.wait()
                 (with_save if with_async else plain).append(time.perf_counter() - start)
@@ -180,7 +179,7 @@ def main() -> None:
         "steps_per_window": steps,
         "window_without_save_s": round(median(plain), 4),
         "window_with_async_save_s": round(median(with_save), 4),
-        "window_spread_s": round(quantiles(plain, n=4)[2] - quantiles(plain, n=4)[0], 4),
+        "window_spread_s": round(quantiles(plain, n=4)[2] - quantiles(plain, n=4)[0], 4) if len(plain) > 1 else None,
         "async_save_blocking_s": round(median(blocked), 4),
         "async_save_call_s": round(median(call), 4),
         "async_save_slowdown_s": round(median(extra), 4),
