@@ -133,6 +133,9 @@ def start(composed, *, trial: bool = False) -> int:
 
     prepared = prepare(composed)
     plan, cfg = prepared.plan, prepared.config
+    from trainer import corpus
+
+    corpus.save_listing_cache()  # only now that the plan holds: a refused launch writes nothing, not even a cache
     from cluster.slurm import allocation_task
 
     task = allocation_task() if cfg.cluster.name == "slurm" else None  # one of `srun python -m launcher`'s tasks

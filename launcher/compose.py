@@ -89,6 +89,9 @@ def composition_error(exc: BaseException) -> ConfigError:
         return ConfigError(full_key or "config", f"'{m.group(1)}' is not one of {m.group(2)}")
     if "Missing mandatory value" in text:
         return ConfigError(full_key or "config", "is required; set it on the command line")
+    if m := re.search(r"LexerNoViableAltException: ([^=\s]+)=", text):
+        key = m.group(1).lstrip("+~")
+        return ConfigError(key, f"cannot parse its value (a character Hydra's grammar does not take unquoted, such as non-ASCII); quote it: {key}='...'")
     if "mismatched input" in text or "no viable alternative" in text or "extraneous input" in text:
         return ConfigError("overrides", f"cannot parse an override ({first_line(text)}); write key=value, quoting values with spaces")
     return ConfigError(full_key, first_line(text))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cluster.environment import describe_host
 from launcher.compose import Composed
+from launcher.errors import ConfigError
 from launcher.plan import Plan, plan_run, render_plan, resolve_hw
 from launcher.schema import RunConfig
 from launcher.validate import validate_config, validate_hardware
@@ -40,9 +42,29 @@ def prepare(composed: Composed) -> Prepared:
         train=dataclasses.replace(cfg.train, output_dir=str(run_dir), logging_dir=cfg.train.logging_dir or str(run_dir / "tensorboard")),
     )
     validate_hardware(cfg, host)
-    if run_dir.exists() and not run_dir.is_dir():
-        from launcher.errors import ConfigError
-
-        raise ConfigError("train.output_dir", f"{run_dir} exists and is not a folder; choose another train.output_dir")
+    if not cfg.dry_run:  # a dry run may plan for a cluster's paths that do not exist here
+        check_writable(run_dir, "train.output_dir")
+        check_writable(Path(cfg.train.logging_dir), "train.logging_dir")
     plan = plan_run(cfg, host, run_dir)
     return Prepared(config=cfg, plan=plan, text=render_plan(plan, cfg))
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """The run can create `folder` (or write into it): a one-line error now, not a traceback after
+    the plan was printed. Looks only; creates nothing."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(key, f"{folder} exists and is not a folder; choose another {key}")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"{folder} would be inside {existing}, which is a file; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK) or read_only_filesystem(existing) or existing.is_relative_to("/proc") or existing.is_relative_to("/sys"):
+        raise ConfigError(key, f"cannot write in {existing} (permission denied or read-only); choose another {key}")
+
+
+def read_only_filesystem(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return True

@@ -40,6 +40,8 @@ def run_sweep(args: list[str]) -> int:
     from launcher.compose import register_schema
     from launcher.paths import config_dir
 
+    if (code := validate_trials(args)) is not None:
+        return code
     register_schema()
     app = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(trial)
     argv = sys.argv
@@ -48,7 +50,58 @@ def run_sweep(args: list[str]) -> int:
         app()
     finally:
         sys.argv = argv
+    if finished and all(r["status"] == "failed" for r in finished[-1]):
+        print("ringleader: error: every trial of the sweep failed; see the summary above", file=sys.stderr)
+        return 1
     return 0
+
+
+finished: list[list[dict[str, Any]]] = []  # each sweep's summary rows, from SummaryCallback
+
+
+def validate_trials(args: list[str]) -> int | None:
+    """Compose, validate and plan every trial before any starts (or any folder exists): one bad
+    trial stops the sweep with one line naming the trial, its key and the fix, exit 2. Sweeps that
+    Hydra's basic sweeper cannot list in advance (interval ranges, Optuna's own parameters) are
+    checked with those overrides left out: the rest of the config still is."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from launcher.__main__ import error, parse_args
+    from launcher.compose import compose
+    from launcher.errors import ConfigError
+    from launcher.prepare import prepare
+
+    try:
+        overrides, config_dirs, config_name, _ = parse_args([a for a in args if a not in ("-m", "--multirun")])
+    except SystemExit as exc:  # parse_args has printed the one-line error
+        return int(exc.code or 2)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # Hydra's grammar: the single-run path words these errors
+        return error(str(compose_error_for(overrides, exc)))
+    listable = [o for o in parsed if not o.is_sweep_override() or o.is_choice_sweep() or o.is_range_sweep()]
+    trials = [t for batch in BasicSweeper.split_arguments(listable, None) for t in batch] or [[]]
+    placeholder = not any(o.split("=", 1)[0].lstrip("+") == "train.output_dir" for o in overrides)
+    for n, trial_overrides in enumerate(trials):
+        # Each trial runs in its own folder of the sweep directory; a name that does not exist yet
+        # stands in for it (checked for being creatable, never created).
+        extra = ["train.output_dir=sweeps/.ringleader-trial-check"] if placeholder else []
+        try:
+            prepare(compose([o for o in trial_overrides if not o.startswith("hydra")] + extra, config_dirs=config_dirs, config_name=config_name))
+        except ConfigError as exc:
+            return error(f"{exc} (trial {n}: {' '.join(trial_overrides)}); no trial was started")
+    return None
+
+
+def compose_error_for(overrides: list[str], exc: Exception) -> Exception:
+    from launcher.compose import ConfigError, compose
+
+    try:
+        compose(overrides)
+    except ConfigError as composed:
+        return composed
+    return exc
 
 
 def trial(cfg: DictConfig) -> float:
@@ -93,9 +146,12 @@ def trial(cfg: DictConfig) -> float:
         result = read_json(run_dir / "result.json")
         if task is not None and lead and code == 0 and result is None:
             result = wait_for_result(run_dir)  # training's rank 0 may sit on another node, a moment behind
-        metric = composed.config.train.metric_for_best_model
+        metric, record["greater_is_better"] = objective_of(composed.config.train)
+        record["metric"] = metric
         if code == 0 and result:
-            objective = float(result.get("metrics", {}).get(metric, result.get("best_metric") or math.nan))
+            value = result.get("metrics", {}).get(metric)
+            value = result.get("best_metric") if value is None else value  # 0.0 is a value, not a gap
+            objective = math.nan if value is None else float(value)
         elif composed.config.cluster.name == "slurm" and task is None and code == 0:
             record["status"] = "submitted"  # cluster.wait=false: `python -m launcher summary` reads it later
         elif code == 0:
@@ -115,6 +171,14 @@ def trial(cfg: DictConfig) -> float:
     if record["error"]:
         print(f"ringleader: trial {hc.job.num} ({' '.join(overrides)}) failed: {record['error']}", file=sys.stderr)
     return objective
+
+
+def objective_of(train) -> tuple[str, bool]:
+    """The trial's objective: metric_for_best_model as evaluation names it (eval_ prefix), and
+    whether greater is better (default: not for losses), as transformers decides it."""
+    metric = train.metric_for_best_model if train.metric_for_best_model.startswith("eval_") else f"eval_{train.metric_for_best_model}"
+    greater = train.greater_is_better if train.greater_is_better is not None else not metric.endswith("loss")
+    return metric, greater
 
 
 def trial_allocation(launcher_target: str):
@@ -173,6 +237,10 @@ def summarize(sweep_dir: Path, *, quiet: bool = False) -> list[dict[str, Any]]:
         else:
             status = "running"
         metrics = (result or {}).get("metrics", {})
+        metric = info.get("metric", "eval_loss")
+        objective = metrics.get(metric)
+        if objective is None and result:
+            objective = result.get("best_metric")
         rows.append({
             "trial": info["job"],
             "overrides": " ".join(info["overrides"]),
@@ -180,20 +248,31 @@ def summarize(sweep_dir: Path, *, quiet: bool = False) -> list[dict[str, Any]]:
             "steps": (result or {}).get("global_step"),
             "eval_loss": metrics.get("eval_loss"),
             "train_loss": metrics.get("train_loss"),
+            "metric": metric,
+            "greater_is_better": bool(info.get("greater_is_better", False)),
+            "objective": objective,
             "error": error,
             "job_id": info.get("job_id"),
             "run_dir": str(run_dir),
             "best": False,
         })
-    done = [r for r in rows if r["status"] in ("completed", "early_stopped") and r["eval_loss"] is not None]
-    if done:
-        min(done, key=lambda r: r["eval_loss"])["best"] = True
+    mark_best(rows)
     write_summary(sweep_dir, rows)
     if not quiet:
         print(render_summary(rows))
         if waiting := [r for r in rows if r["status"] in ("submitted", "running")]:
             print(f"{len(waiting)} trial(s) still queued or running on SLURM; once they have finished: python -m launcher summary {shlex.quote(str(sweep_dir))}")
     return rows
+
+
+def mark_best(rows: list[dict[str, Any]]) -> None:
+    """The best finished trial by the sweep's metric_for_best_model and greater_is_better. Trials
+    that disagree on the metric or its direction cannot be ranked: then none is marked."""
+    done = [r for r in rows if r["status"] in ("completed", "early_stopped") and isinstance(r["objective"], (int, float)) and math.isfinite(r["objective"])]
+    if not done or len({(r["metric"], r["greater_is_better"]) for r in done}) > 1:
+        return
+    pick = max if done[0]["greater_is_better"] else min
+    pick(done, key=lambda r: r["objective"])["best"] = True
 
 
 def slurm_status(run_dir: Path) -> tuple[str, str | None]:
@@ -224,13 +303,15 @@ def swept(rows: list[dict[str, Any]]) -> list[str]:
 
 def render_summary(rows: list[dict[str, Any]]) -> str:
     """The table printed at the end."""
-    header = ["trial", "status", "steps", "eval_loss", "overrides"]
+    metric = rows[0]["metric"] if rows else "eval_loss"
+    direction = "highest" if rows and rows[0]["greater_is_better"] else "lowest"
+    header = ["trial", "status", "steps", metric, "overrides"]
     lines = [
-        [str(r["trial"]) + (" *" if r["best"] else ""), r["status"], str(r["steps"] or "-"), f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-", label]
+        [str(r["trial"]) + (" *" if r["best"] else ""), r["status"], str(r["steps"] or "-"), f"{r['objective']:.4f}" if r["objective"] is not None else "-", label]
         for r, label in zip(rows, swept(rows))
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    out = ["sweep summary (* best: lowest final eval_loss)", "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out = [f"sweep summary (* best: {direction} final {metric})", "  ".join(h.ljust(w) for h, w in zip(header, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     out += [f"trial {r['trial']} failed: {r['error']}" for r in rows if r["status"] == "failed"]
     return "\n".join(out)
@@ -284,4 +365,4 @@ class SummaryCallback(Callback):
     """Hydra callback (conf/config.yaml: hydra.callbacks): the summary when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summarize(Path(config.hydra.sweep.dir))
+        finished.append(summarize(Path(config.hydra.sweep.dir)))

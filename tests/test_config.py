@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,18 +56,133 @@ BAD_INPUTS = [
     (["cluster.partition=gpu\nrm -rf /"], "cluster.partition"),
     (["data._target_=mypkg.MyData", "train.max_steps=-1"], "data.num_samples"),
     (["strategy.name=tensor_parallel"], "strategy.name"),
+    # What a careless user types, group by group: each accepted before, failing on the ranks or never.
+    (["hw.cpu_ranks=0"], "hw.cpu_ranks"),
+    (["hw.cpu_ranks=-2"], "hw.cpu_ranks"),
+    (["+hw=cpu", "hw.accelerator=tpu"], "hw.accelerator"),
+    (["+hw=8xA100", "hw.gpus_per_node=-1", "dry_run=true"], "hw.gpus_per_node"),
+    (["hw.cpus_per_node=-4"], "hw.cpus_per_node"),
+    (["hw.gpu_memory_gb=-1"], "hw.gpu_memory_gb"),
+    (["hw.peak_tflops_bf16=nan"], "hw.peak_tflops_bf16"),
+    (["strategy=zero2", "strategy.zero_stage=3"], "strategy.zero_stage"),
+    (["strategy=zero2", "strategy.offload_param=true"], "strategy.offload_param"),
+    (["strategy=fsdp2"], "strategy"),
+    (["strategy=ddp", "+strategy.deepspeed.zero_optimization.stage=2"], "strategy.deepspeed"),
+    (["optimizer.learning_rate=inf"], "optimizer.learning_rate"),
+    (["optimizer.learning_rate=nan"], "optimizer.learning_rate"),
+    (["optimizer.learning_rate=0"], "optimizer.learning_rate"),
+    (["optimizer.adam_beta1=-0.1"], "optimizer.adam_beta1"),
+    (["optimizer.adam_epsilon=0"], "optimizer.adam_epsilon"),
+    (["optimizer=sgd", "optimizer.momentum=-0.5"], "optimizer.momentum"),
+    (["scheduler.warmup_steps=-1"], "scheduler.warmup_steps"),
+    (["scheduler.warmup_ratio=-0.1"], "scheduler.warmup_ratio"),
+    (["scheduler=cosine", "scheduler.num_cycles=0"], "scheduler.num_cycles"),
+    (["scheduler=cosine_restarts"], "scheduler"),
+    (["model._target_="], "model._target_"),
+    (["model._target_=not a path"], "model._target_"),
+    (["model.init_from=/etc/passwd"], "model.init_from"),
+    (["model.init_from=/nonexistent/model.safetensors"], "model.init_from"),
+    (["model.n_layer=0"], "model.n_layer"),
+    (["model.n_head=0"], "model.n_head"),
+    (["model.dropout=1.0"], "model.dropout"),
+    (["model.block_size=0"], "model.block_size"),
+    (["model.num_parameters=-5", "model._target_=tests.user_code.Bigram"], "model.num_parameters"),
+    (["model=gpt_huge"], "model"),
+    (["data.seq_len=0"], "data.seq_len"),
+    (["data.validation_fraction=-0.1"], "data.validation_fraction"),
+    (["data.num_workers=-1"], "data.num_workers"),
+    (["data.max_bytes=-1"], "data.max_bytes"),
+    (["data=text_files", "data.paths=[/nonexistent/*.txt]"], "data.paths.0"),
+    (["data=synthetic", "data.num_samples=0"], "data.num_samples"),
+    (["data._target_=bad path!", "train.max_steps=5"], "data._target_"),
+    (["data.name=imagenet"], "data.name"),
+    (["data=imagenet"], "data"),
+    (["cluster.nodes=0"], "cluster.nodes"),
+    (["cluster.nproc_per_node=-1"], "cluster.nproc_per_node"),
+    (["cluster.max_restarts=-1"], "cluster.max_restarts"),
+    (["cluster.max_requeues=-1"], "cluster.max_requeues"),
+    (["cluster.time_min=0"], "cluster.time_min"),
+    (["cluster.container_runtime=docker"], "cluster.container_runtime"),
+    (["cluster.rdzv_port=70000"], "cluster.rdzv_port"),
+    (["cluster.monitor_interval=0"], "cluster.monitor_interval"),
+    (["cluster.cpus_per_task=-1"], "cluster.cpus_per_task"),
+    (["cluster.mem_gb=-1"], "cluster.mem_gb"),
+    (["cluster.gpus_per_node=-2"], "cluster.gpus_per_node"),
+    (["cluster.max_nodes=-1"], "cluster.max_nodes"),
+    (["cluster.signal_delay_s=-5"], "cluster.signal_delay_s"),
+    (["cluster=kubernetes"], "cluster"),
+    (["train.max_steps=-1", "train.num_train_epochs=inf"], "train.num_train_epochs"),
+    (["train.max_steps=-5"], "train.max_steps"),
+    (["train.per_device_eval_batch_size=0"], "train.per_device_eval_batch_size"),
+    (["train.eval_steps=-1"], "train.eval_steps"),
+    (["train.save_strategy=steps", "train.save_steps=0"], "train.save_steps"),
+    (["train.save_total_limit=-1"], "train.save_total_limit"),
+    (["train.seed=-1"], "train.seed"),
+    (["train.ddp_timeout=0"], "train.ddp_timeout"),
+    (["train.ddp_backend=mpi"], "train.ddp_backend"),
+    (["train.eval_max_batches=-1"], "train.eval_max_batches"),
+    (["train.early_stopping_threshold=-0.1"], "train.early_stopping_threshold"),
+    (["train.early_stopping_patience=-1"], "train.early_stopping_patience"),
+    (["train.report_to=[wandb]"], "train.report_to"),
+    (["train.torch_compile=true"], "train.torch_compile"),
+    (["train.metric_for_best_model=eval_accuracy"], "train.metric_for_best_model"),
+    (["train.resume=/etc"], "train.resume"),
+    (["train.greater_is_better=maybe"], "train.greater_is_better"),
+    (["train.learning_rate=3e-4"], "train.learning_rate"),
+    (["train.max_steps=\u00fc"], "train.max_steps"),
+    (["dry_run=maybe"], "dry_run"),
+    (["foo=1"], "foo"),
+]
+
+# Inputs that need a real launch (not a dry run) to be refused: where the run directory would go.
+BAD_PLACES = [
+    ("train.output_dir=", "train.output_dir"),
+    ("train.output_dir=/etc/passwd/run", "train.output_dir"),
+    ("train.output_dir=/proc/ringleader-run", "train.output_dir"),
+    ("train.logging_dir=/etc/passwd", "train.logging_dir"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "key"), BAD_INPUTS, ids=[" ".join(o)[:50] for o, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_naming_the_key_exit_2_and_nothing_written(overrides, key, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    code = main([*overrides, f"train.output_dir={run_dir}"])
-    err = capsys.readouterr().err.strip()
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch) -> Path:
+    """A current folder and a cache folder of their own, so a test can assert that nothing at all
+    was written (a run directory, a Hydra folder, ringleader's dataset-listing cache)."""
+    for name in ("cwd", "cache"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def written(sandbox: Path) -> list[str]:
+    return sorted(str(p.relative_to(sandbox)) for p in sandbox.rglob("*") if p.name not in ("cwd", "cache"))
+
+
+def assert_one_line(code: int, err: str, key: str) -> None:
     assert code == 2, err
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"ringleader: error: {key}"), err
-    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_INPUTS, ids=[" ".join(o)[:50] for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_key_exit_2_and_nothing_written(overrides, key, sandbox, capsys):
+    code = main([*overrides, f"train.output_dir={sandbox / 'run'}"])
+    assert_one_line(code, capsys.readouterr().err.strip(), key)
+    assert written(sandbox) == []
+
+
+@pytest.mark.parametrize(("override", "key"), BAD_PLACES)
+def test_a_run_directory_that_cannot_be_made_is_refused_before_anything(override, key, sandbox, capsys):
+    code = main(["train.max_steps=1", override])
+    assert_one_line(code, capsys.readouterr().err.strip(), key)
+    assert written(sandbox) == []
+
+
+def test_the_bad_input_matrix_covers_every_group():
+    keys = {key for _, key in BAD_INPUTS} | {key for _, key in BAD_PLACES}
+    assert len(BAD_INPUTS) + len(BAD_PLACES) >= 80
+    for group in ("hw", "strategy", "optimizer", "scheduler", "model", "data", "cluster", "train"):
+        assert sum(k.split(".")[0] == group for k in keys) >= 3, group
 
 
 def test_bad_input_through_the_command(tmp_path):
@@ -183,3 +299,54 @@ def test_plan_json_and_config_yaml_are_what_ranks_read(tmp_path):
     assert cfg.train.output_dir == str(run_dir)
     assert cfg.hw.accelerator == "cpu"
     assert (run_dir / "result.json").exists()
+
+
+# Verbs on run directories and sweep folders: (arguments, a text the one line must contain).
+BAD_VERBS = [
+    (["status"], "status needs a run directory"),
+    (["status", "/nonexistent/run"], "/nonexistent/run is not a ringleader run directory"),
+    (["status", "{sandbox}/existing/notrun"], "notrun is not a ringleader run directory"),
+    (["logs", "{sandbox}/existing/run", "--bogus"], "--bogus"),
+    (["logs", "{sandbox}/existing/run"], "no log yet"),
+    (["logs", "{sandbox}/existing/run", "--slurm"], "no SLURM job"),
+    (["cancel", "{sandbox}/existing/run"], "no SLURM job to cancel"),
+    (["export"], "export needs a checkpoint folder"),
+    (["export", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["export", "a", "b", "c"], "export needs a checkpoint folder"),
+    (["export", "{sandbox}/existing/run"], "COMPLETE"),
+    (["summary"], "summary needs a sweep folder"),
+    (["summary", "/nonexistent/sweep"], "holds no trials"),
+    (["statuss", "{sandbox}/existing/run"], "'statuss' is not an override"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_VERBS, ids=[" ".join(a)[:40] for a, _ in BAD_VERBS])
+def test_bad_verb_input_is_one_line_exit_2_and_nothing_written(args, expected, sandbox, capsys):
+    (sandbox / "existing" / "notrun").mkdir(parents=True)
+    (sandbox / "existing" / "run").mkdir()
+    (sandbox / "existing" / "run" / "config.yaml").write_text("train:\n  output_dir: run\n")
+    before = written(sandbox)
+    code = main([a.format(sandbox=sandbox) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("ringleader: error: ") and expected in err, err
+    assert written(sandbox) == before
+
+
+BAD_SWEEPS = [
+    (["optimizer.learning_rate=1e-3,-1"], "optimizer.learning_rate"),
+    (["scheduler=cosine,nope"], "scheduler"),
+    (["hw.cpu_ranks=1,0"], "hw.cpu_ranks"),
+    (["train.max_steps=5,\u00fc"], "train.max_steps"),
+    (["train.save_strategy=steps", "train.save_steps=0,10"], "train.save_steps"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_SWEEPS, ids=[" ".join(o)[:40] for o, _ in BAD_SWEEPS])
+def test_a_sweep_with_a_bad_trial_starts_none_and_writes_nothing(overrides, key, sandbox):
+    """The sweep folder (Hydra's, timestamped under the current folder) is not even created."""
+    env = launcher_env(XDG_CACHE_HOME=str(sandbox / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "launcher", "-m", *overrides], capture_output=True, text=True, cwd=sandbox / "cwd", env=env, timeout=120)
+    assert_one_line(proc.returncode, proc.stderr.strip(), key)
+    assert "no trial was started" in proc.stderr or key == "train.max_steps"
+    assert written(sandbox) == []

@@ -55,14 +55,25 @@ def pystdlib_files() -> list[tuple[str, int]]:
                 path = Path(dirpath) / name
                 found.append((path.relative_to(root).as_posix(), path.stat().st_size))
     found.sort()
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(found))
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # a read-only home: no cache, same answer
+    _unsaved_listing[cache] = found
     return found
+
+
+# Listings computed but not yet cached: the launcher saves them once its plan is valid
+# (save_listing_cache), so a refused launch leaves nothing on disk, not even a cache.
+_unsaved_listing: dict[Path, list[tuple[str, int]]] = {}
+
+
+def save_listing_cache() -> None:
+    while _unsaved_listing:
+        cache, found = _unsaved_listing.popitem()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(found))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home: no cache, same answer
 
 
 def text_files(patterns: list[str]) -> list[Path]:

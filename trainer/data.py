@@ -68,15 +68,34 @@ def build_dataset(data: DataConfig, split: str, *, vocab_size: int, seed: int) -
     raise ValueError(f"unknown dataset {data.name}")
 
 
+def epoch_ends(consumed: int, *, step_samples: int, usable: int) -> bool:
+    """Whether an epoch at position `consumed` has no whole optimizer step left. A resume with a
+    larger effective batch (more ranks, a bigger batch or more accumulation) or smaller data can
+    land past the last whole step: the epoch is over there, as for the tail every epoch drops."""
+    return consumed + step_samples > usable
+
+
+def start_position(epoch: int, consumed: int, *, step_samples: int, usable: int) -> tuple[int, int]:
+    """Where training continues from a saved (epoch, consumed): the same place, or the start of
+    the next epoch when the saved one has no whole optimizer step left."""
+    return (epoch + 1, 0) if epoch_ends(consumed, step_samples=step_samples, usable=usable) else (epoch, consumed)
+
+
 class ResumableSampler(Sampler[int]):
     """DistributedSampler's order (rank r takes every world_size-th index of one permutation) from
     a given position. The permutation depends on (seed, epoch) only, not on the world size, and the
     tail that does not fill an optimizer step is dropped, so every step sees the same samples on
-    any world size: global micro-batch k is perm[k*B*W : (k+1)*B*W]."""
+    any world size: global micro-batch k is perm[k*B*W : (k+1)*B*W].
 
-    def __init__(self, num_samples: int, *, usable: int, epoch: int, consumed: int, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
-        self.num_samples, self.usable, self.epoch, self.consumed = num_samples, usable, epoch, consumed
+    It stops at the last whole optimizer step (`step_samples` = the effective batch) after
+    `consumed`: whatever the position, every step gets all its micro-batches, and the loader never
+    runs dry in the middle of one."""
+
+    def __init__(self, num_samples: int, *, usable: int, epoch: int, consumed: int, rank: int, world_size: int, seed: int, step_samples: int = 0, shuffle: bool = True) -> None:
+        self.num_samples, self.usable, self.epoch, self.consumed = num_samples, min(usable, num_samples), epoch, consumed
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        step = step_samples or world_size
+        self.end = consumed + max(0, self.usable - consumed) // step * step
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -85,17 +104,23 @@ class ResumableSampler(Sampler[int]):
         return torch.randperm(self.num_samples, generator=g)[: self.usable]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.consumed + self.rank :: self.world_size].tolist())
+        return iter(self.order()[self.consumed + self.rank : self.end : self.world_size].tolist())
 
     def __len__(self) -> int:
-        return len(range(self.consumed + self.rank, self.usable, self.world_size))
+        return len(range(self.consumed + self.rank, self.end, self.world_size))
 
 
-def train_batches(dataset: Dataset, state, *, usable: int, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool) -> Iterator:
+def train_batches(dataset: Dataset, state, *, usable: int, step_samples: int, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool) -> Iterator:
     """Micro-batches forever, epoch after epoch, each epoch starting from the state's position as it
-    is when the epoch's first batch is asked for (the loop advances the state after each step)."""
+    is when the epoch's first batch is asked for (the loop advances the state after each step,
+    and starts a new epoch where epoch_ends says so)."""
     while True:
-        sampler = ResumableSampler(len(dataset), usable=usable, epoch=state.epoch, consumed=state.consumed, rank=rank, world_size=world_size, seed=seed)
+        sampler = ResumableSampler(len(dataset), usable=usable, epoch=state.epoch, consumed=state.consumed, rank=rank, world_size=world_size, seed=seed, step_samples=step_samples)
+        if len(sampler) == 0:  # an empty epoch would make this loop spin forever, with no collective to time out
+            raise RuntimeError(
+                f"no training samples left at epoch {state.epoch}, position {state.consumed} of {usable} (dataset of {len(dataset)} samples, "
+                f"{step_samples} per optimizer step); the data changed under the run, or the position is past the epoch's end"
+            )
         # A generator of its own: a DataLoader draws its workers' base seed from the global RNG
         # otherwise, each time it starts, and a resume (which starts one mid-epoch) would shift the
         # dropout stream and break bit-identical resume.

@@ -21,17 +21,22 @@ import torch.distributed as dist
 
 from launcher.schema import RunConfig
 from trainer.checkpoint import CheckpointManager
-from trainer.data import eval_batches, train_batches
+from trainer.data import epoch_ends, eval_batches, start_position, train_batches
 from trainer.faults import fault_point
 from trainer.metrics import MetricsLogger
 from trainer.runtime import Runtime
 from trainer.strategies import Strategy
+from trainer.watchdog import Activity
 
 log = logging.getLogger("ringleader")
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class EvaluationInterrupted(Exception):
+    """A stop was asked for during an evaluation: every rank left it at the same batch."""
 
 
 @dataclass(kw_only=True)
@@ -43,8 +48,12 @@ class LoopState:
     consumed: int = 0  # samples of this epoch consumed, over all ranks
     tokens_seen: int = 0
     skipped_steps: int = 0
-    best_metric: float | None = None
+    best_metric: float | None = None  # the best evaluation so far (early stopping counts from it)
     best_step: int | None = None
+    # The best evaluation that has a checkpoint of its step: what load_best_model_at_end loads and
+    # retention keeps. An evaluation between two saves can be better, but has nothing to load.
+    best_model_metric: float | None = None
+    best_model_step: int | None = None
     patience: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)
 
@@ -77,22 +86,36 @@ class Trainer:
         self.G = t.gradient_accumulation_steps
         self.E = plan["effective_batch_size"]
         self.total = plan["total_steps"]
-        self.usable = plan["steps_per_epoch"] * self.E if plan["steps_per_epoch"] else len(train_set) // self.E * self.E
+        # Samples an epoch uses: whole optimizer steps of the dataset the plan counted (the ranks'
+        # copy may be smaller if the files changed since: never more than it has).
+        usable = plan["steps_per_epoch"] * self.E if plan["steps_per_epoch"] else len(train_set) // self.E * self.E
+        self.usable = min(usable, len(train_set) // self.E * self.E)
+        if self.usable == 0:
+            raise ValueError(f"the training set has {len(train_set)} samples, fewer than one optimizer step of {self.E}; lower the batch or accumulation, or use more data")
         self.eval_every = t.eval_steps or t.logging_steps
         self.greater_is_better = t.greater_is_better if t.greater_is_better is not None else not t.metric_for_best_model.endswith("loss")
         self.status = "running"
         self.last_train_loss: float | None = None
+        self.activity = Activity()  # read by the watchdog
+        self.interrupted = False  # an evaluation was cut short by a stop request
 
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         t, s, rt = self.cfg.train, self.state, self.rt
+        epoch, consumed = start_position(s.epoch, s.consumed, step_samples=self.E, usable=self.usable)
+        if (epoch, consumed) != (s.epoch, s.consumed):
+            log.info("epoch %d has no whole optimizer step of %d samples left after position %d of %d: continuing with epoch %d", s.epoch, self.E, s.consumed, self.usable, epoch)
+            s.epoch, s.consumed = epoch, consumed
         batches = train_batches(
-            self.train_set, s, usable=self.usable, batch_size=t.per_device_train_batch_size, rank=rt.rank,
+            self.train_set, s, usable=self.usable, step_samples=self.E, batch_size=t.per_device_train_batch_size, rank=rt.rank,
             world_size=rt.world_size, seed=t.seed, num_workers=self.cfg.data.num_workers, pin_memory=rt.device.type == "cuda",
         )
         if t.eval_on_start and s.step == 0 and t.eval_strategy != "no":
-            self.metrics.log({"step": 0, "epoch": 0.0, **self.evaluate()})
+            try:
+                self.metrics.log({"step": 0, "epoch": 0.0, **self.evaluate()})
+            except EvaluationInterrupted:
+                self.interrupted = True  # the first step's boundary stops the run, with a checkpoint
         window = Window()
         started = time.perf_counter()
         just_saved = just_evaluated = False
@@ -109,7 +132,7 @@ class Trainer:
             s.step += 1
             s.consumed += self.E
             s.tokens_seen += self.plan["tokens_per_step"]
-            epoch_ended = s.consumed >= self.usable
+            epoch_ended = epoch_ends(s.consumed, step_samples=self.E, usable=self.usable)
             if epoch_ended:
                 s.epoch, s.consumed = s.epoch + 1, 0
 
@@ -129,13 +152,15 @@ class Trainer:
             if s.step % t.logging_steps == 0 or (t.logging_first_step and s.step == 1):
                 self.log_window(window, result.grad_norm)
                 window = Window()
-            just_evaluated = self.due(t.eval_strategy, self.eval_every, epoch_ended)
-            if just_evaluated and self.evaluate_and_track():
+            save_due = self.due(t.save_strategy, t.save_steps, epoch_ended)
+            # A stop asked for on any rank skips the evaluation: the checkpoint comes first.
+            just_evaluated = self.due(t.eval_strategy, self.eval_every, epoch_ended) and not stop
+            if just_evaluated and self.evaluate_and_track(checkpointed=save_due):
                 self.status = "early_stopped"
-            just_saved = self.due(t.save_strategy, t.save_steps, epoch_ended)
+            just_saved = save_due
             if just_saved:
                 self.save()
-            if stop:
+            if stop or self.interrupted:
                 self.status = "stopped"
                 if not just_saved:
                     self.save()
@@ -150,7 +175,7 @@ class Trainer:
             self.status = "completed"
         if self.status != "stopped":
             if t.eval_strategy != "no" and not just_evaluated:
-                self.evaluate_and_track()
+                self.evaluate_and_track(checkpointed=t.save_strategy != "no")
             if t.save_strategy != "no" and not just_saved:
                 self.save()
         self.checkpoints.wait()
@@ -206,17 +231,32 @@ class Trainer:
         loader = eval_batches(self.eval_set, batch_size=t.per_device_eval_batch_size, rank=self.rt.rank, world_size=self.rt.world_size, max_batches=t.eval_max_batches)
         total, count = 0.0, 0.0
         for input_ids, labels in loader:
+            # A stop asked for on any rank ends the evaluation on all of them at this batch (one
+            # tiny collective a batch), so the stop checkpoint is written before SLURM's or
+            # torchrun's kill: a long evaluation would otherwise run past it.
+            (stop,) = all_reduce([float(bool(self.rt.stop.signum))], dist.ReduceOp.MAX if dist.is_initialized() else None)
+            if stop:
+                self.strategy.train()
+                raise EvaluationInterrupted
             loss = self.strategy.forward(input_ids.to(self.rt.device), labels.to(self.rt.device))
             total += float(loss) * len(input_ids)
             count += len(input_ids)
+            self.activity.beats += 1
         total, count = all_reduce([total, count])
         self.strategy.train()
         return {"eval_loss": total / max(count, 1.0), "eval_samples": int(count)}
 
-    def evaluate_and_track(self) -> bool:
-        """Evaluate, log, update the best metric; True when early stopping says stop."""
+    def evaluate_and_track(self, *, checkpointed: bool) -> bool:
+        """Evaluate, log, update the best metric; True when early stopping says stop.
+        `checkpointed`: a checkpoint of this step will exist (it is saved right after), so this
+        evaluation may become the best model to load at the end."""
         t, s = self.cfg.train, self.state
-        results = self.evaluate()
+        try:
+            results = self.evaluate()
+        except EvaluationInterrupted:
+            log.warning("evaluation at step %d interrupted by a stop request; saving a checkpoint instead", s.step)
+            self.interrupted = True
+            return False
         s.last_eval = results
         self.metrics.log({"step": s.step, "epoch": round(s.epoch + s.consumed / max(1, self.usable), 4), **results})
         value = results.get(t.metric_for_best_model if t.metric_for_best_model.startswith("eval_") else f"eval_{t.metric_for_best_model}")
@@ -230,8 +270,21 @@ class Trainer:
             s.patience += 1
         if improved:
             s.best_metric, s.best_step = value, s.step
-        return bool(t.early_stopping_patience) and s.patience >= t.early_stopping_patience
+        stop = bool(t.early_stopping_patience) and s.patience >= t.early_stopping_patience
+        # Early stopping ends the run here, and the end of a run saves its last step.
+        if checkpointed or (stop and t.save_strategy != "no"):
+            self.track_best_model(value)
+        return stop
+
+    def track_best_model(self, value: float) -> None:
+        s = self.state
+        if s.best_model_metric is None or (value > s.best_model_metric if self.greater_is_better else value < s.best_model_metric):
+            s.best_model_metric, s.best_model_step = value, s.step
 
     def save(self) -> None:
-        keep = {self.state.best_step} if self.cfg.train.load_best_model_at_end and self.state.best_step else set()
-        self.checkpoints.save(self.state.step, self.strategy, dataclasses.asdict(self.state), keep=keep, asynchronous=self.cfg.train.save_async)
+        keep = {self.state.best_model_step} if self.cfg.train.load_best_model_at_end and self.state.best_model_step else set()
+        self.activity.saving = True
+        try:
+            self.checkpoints.save(self.state.step, self.strategy, dataclasses.asdict(self.state), keep=keep, asynchronous=self.cfg.train.save_async)
+        finally:
+            self.activity.saving = False

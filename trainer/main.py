@@ -64,13 +64,14 @@ def main(run_dir: Path) -> int:
         if resume_from:
             metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resume_from)})
 
-        Watchdog(rt.stop, state, rank=rt.rank, log_file=run_dir / "logs" / f"rank-{rt.rank}.log").start()  # ends this rank if it stalls after SIGTERM
         trainer = Trainer(cfg=cfg, plan=plan, runtime=rt, strategy=strategy, train_set=train_set, eval_set=eval_set, checkpoints=checkpoints, metrics=metrics, state=state)
+        # Ends this rank if it stalls after SIGTERM; evaluation batches and saves count as progress.
+        Watchdog(rt.stop, state, rank=rt.rank, log_file=run_dir / "logs" / f"rank-{rt.rank}.log", activity=trainer.activity).start()
         result = trainer.fit()
-        if t.load_best_model_at_end and state.best_step is not None and result["status"] != "stopped":
-            best = run_dir / "checkpoints" / f"step-{state.best_step}"
+        if t.load_best_model_at_end and state.best_model_step is not None and result["status"] != "stopped":
+            best = run_dir / "checkpoints" / f"step-{state.best_model_step}"
             checkpoints.load(best, strategy)
-            log.info("loaded the best model (step %d, %s %.4g)", state.best_step, t.metric_for_best_model, state.best_metric)
+            log.info("loaded the best model (step %d, %s %.4g)", state.best_model_step, t.metric_for_best_model, state.best_model_metric)
         if t.export_final and result["status"] != "stopped":
             write_final(run_dir / "final", strategy, cfg, is_main=rt.is_main)
         result.update(global_step=state.step, epoch=state.epoch, metrics={"train_loss": trainer.last_train_loss, **state.last_eval}, best_metric=state.best_metric, best_step=state.best_step, skipped_steps=state.skipped_steps)

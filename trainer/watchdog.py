@@ -20,6 +20,7 @@ import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
@@ -54,19 +55,31 @@ def name_stalled_ranks(exc: BaseException, *, rank: int, group, timeout_s: float
     return StalledRankError(f"a collective timed out on rank {rank} (train.ddp_timeout): {found}. ({first})")
 
 
-class Watchdog:
-    """Ends this rank if it makes no training step within `grace` seconds of SIGTERM or SIGINT.
+@dataclass
+class Activity:
+    """What the loop does between steps, for the watchdog: evaluation batches done (a heartbeat),
+    and whether a checkpoint is being written."""
 
-    Progress is read from the loop's state (its step counter), so the loop needs no hook. The grace
-    is 3x the slowest step seen, at least 5 s and at most 25 s (torchrun and SLURM kill after 30 s
-    anyway); before the first step it is 25 s. A rank that does step after the signal is stopping
-    as asked, and is left alone to save its checkpoint.
+    beats: int = 0
+    saving: bool = False
+
+
+class Watchdog:
+    """Ends this rank if it makes no progress within `grace` seconds of SIGTERM or SIGINT.
+
+    Progress is a training step (the loop's step counter), an evaluation batch, or a checkpoint
+    being written (`Activity`): a rank in a long evaluation or save when the signal comes is doing
+    what the stop needs (the evaluation ends at its next batch, the save is the stop checkpoint),
+    and is left alone. The grace is 3x the slowest step seen, at least 5 s and at most 25 s
+    (torchrun and SLURM kill after 30 s anyway); before the first step it is 25 s. A rank that does
+    step after the signal is stopping as asked, and is left alone to save its checkpoint.
     """
 
     POLL_S = 0.2
 
-    def __init__(self, stop, state, *, rank: int, log_file: Path) -> None:
+    def __init__(self, stop, state, *, rank: int, log_file: Path, activity: Activity | None = None) -> None:
         self.stop, self.state, self.rank, self.log_file = stop, state, rank, log_file
+        self.activity = activity or Activity()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, name="ringleader-watchdog", daemon=True)
 
@@ -81,18 +94,21 @@ class Watchdog:
         return 25.0 if slowest_step is None else min(25.0, max(5.0, 3 * slowest_step))
 
     def run(self) -> None:
-        last_step, last_time, slowest = self.state.step, time.monotonic(), None
+        last_step, last_step_time, slowest = self.state.step, time.monotonic(), None
+        beats, alive_at = self.activity.beats, last_step_time
         asked_at = None
         while not self.done.wait(self.POLL_S):
             now, step = time.monotonic(), self.state.step
             if step != last_step:
-                slowest = max(slowest or 0.0, (now - last_time) / max(1, step - last_step))
-                last_step, last_time = step, now
+                slowest = max(slowest or 0.0, (now - last_step_time) / max(1, step - last_step))
+                last_step, last_step_time, alive_at = step, now, now
                 if asked_at is not None:
                     return  # stepping after the signal: the loop stops by itself
+            if self.activity.saving or self.activity.beats != beats:
+                beats, alive_at = self.activity.beats, now
             if asked_at is None and self.stop.signum and self.stop.name in ("SIGTERM", "SIGINT"):
                 asked_at = now
-            if asked_at is not None and now - asked_at > self.grace(slowest):
+            if asked_at is not None and now - max(asked_at, alive_at) > self.grace(slowest):
                 self.expire(now - asked_at)
 
     def expire(self, waited: float) -> None:
