@@ -28,6 +28,7 @@ POINTS = {
     "save-retention": "saving step STEP: an old checkpoint renamed and partly deleted (rank 0)",
     "save-async-copy": "saving step STEP asynchronously: in the writer thread, before it copies the state",
     "save-async-write": "saving step STEP asynchronously: in the writer thread, state copied, before it writes",
+    "eval": "evaluating after step STEP: before each evaluation batch (trainer/loop.py)",
 }
 
 

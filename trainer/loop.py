@@ -231,6 +231,7 @@ class Trainer:
         loader = eval_batches(self.eval_set, batch_size=t.per_device_eval_batch_size, rank=self.rt.rank, world_size=self.rt.world_size, max_batches=t.eval_max_batches)
         total, count = 0.0, 0.0
         for input_ids, labels in loader:
+            fault_point("eval", self.state.step, self.rt.rank)  # tests only: a slow evaluation
             # A stop asked for on any rank ends the evaluation on all of them at this batch (one
             # tiny collective a batch), so the stop checkpoint is written before SLURM's or
             # torchrun's kill: a long evaluation would otherwise run past it.
