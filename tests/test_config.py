@@ -276,7 +276,14 @@ def test_conf_ships_in_the_wheel(tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)], check=True, timeout=300)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # The new venv sees this interpreter's packages (hydra, omegaconf) through a .pth file: with
+    # --system-site-packages it would see the system's, which inside a virtual environment (as most
+    # users run the tests) are not the ones installed. Paths named in a .pth are not scanned for
+    # .pth files themselves, so this checkout's editable install stays out of the way.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    outer = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    inner = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    (Path(inner) / "outer-packages.pth").write_text("\n".join(outer) + "\n")
     wheel = next(wheels.glob("ringleader-*.whl"))
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=True, timeout=300)
     env = {k: v for k, v in launcher_env().items() if k != "PYTHONPATH"}
