@@ -157,18 +157,28 @@ def summary(args: list[str]) -> int:
 
 def export(args: list[str]) -> int:
     """Consolidated weights from any checkpoint: OUT_DIR/model.safetensors and OUT_DIR/config.yaml,
-    loadable by plain PyTorch (OUT_DIR defaults to <run>/exports/step-N). Imports torch: this verb
-    reads tensors, it is not on the launch path."""
-    if not args or len(args) > 2 or args[0].startswith("-"):
-        return error("export needs a checkpoint folder: python -m launcher export RUN_DIR/checkpoints/step-N [OUT_DIR]")
+    loadable by plain PyTorch (OUT_DIR defaults to <run>/exports/step-N). Nothing the checkpoint
+    names is imported, and nothing in OUT_DIR that ringleader did not write is deleted (see
+    trainer/export.py). The arguments are checked before torch is imported; this verb reads
+    tensors, it is not on the launch path."""
+    usage = "python -m launcher export RUN_DIR/checkpoints/step-N [OUT_DIR]"
+    if not args or len(args) > 2 or any(a.startswith("-") for a in args):
+        return error(f"export needs a checkpoint folder: {usage}")
+    checkpoint = Path(args[0]).expanduser().absolute()
+    if not checkpoint.exists():
+        return error(f"export CHECKPOINT: {checkpoint}: no such checkpoint folder; give one of RUN_DIR/checkpoints/step-N")
+    if not checkpoint.is_dir():
+        return error(f"export CHECKPOINT: {checkpoint} is a file, not a checkpoint folder; give one of RUN_DIR/checkpoints/step-N")
+    if not (checkpoint / "COMPLETE").is_file():
+        return error(f"export CHECKPOINT: {checkpoint} has no COMPLETE marker, so it is not a complete checkpoint; give one of RUN_DIR/checkpoints/step-N that has one")
     from trainer.checkpoint import CheckpointError
     from trainer.export import export_checkpoint
 
     try:
-        out = export_checkpoint(Path(args[0]), Path(args[1]) if len(args) > 1 else None)
+        out = export_checkpoint(checkpoint, Path(args[1]) if len(args) > 1 else None)
     except CheckpointError as exc:
-        return error(str(exc))
-    print(f"ringleader: exported {Path(args[0]).resolve()} to {out} (model.safetensors, config.yaml)")
+        return error(" ".join(str(exc).split()))  # one line, whatever a crafted file put in it
+    print(f"ringleader: exported {checkpoint.resolve()} to {out} (model.safetensors, config.yaml)")
     return 0
 
 

@@ -5,40 +5,58 @@
     model.load_state_dict(load_file("final/model.safetensors"))
 
 The end of a run writes final/; `python -m launcher export CHECKPOINT_DIR [OUT_DIR]` writes the
-same two files from any checkpoint of a DDP or FSDP run, on any machine, in one process with no
-process group (torch.distributed.checkpoint reshards N ranks' shards into the plain model).
+same two files from any checkpoint, on any machine, in one process with no process group.
+
+Export treats the checkpoint as data from a stranger: it imports and instantiates nothing the
+checkpoint names. DCP checkpoints (DDP, FSDP): the tensors under "/model/" are allocated with the
+shapes and dtypes the metadata records (read through trainer/safe_dcp.py) and filled by DCP, which
+reshards N ranks' shards into the plain model. DeepSpeed checkpoints: DeepSpeed's own consolidation
+(zero_to_fp32), with every torch.load it makes forced to weights_only=True. The config's model
+section is copied as YAML data.
+
+Writing never deletes what ringleader did not write: a folder is written whole into a sibling
+temporary folder and renamed, or, when it exists, only the files ringleader writes are replaced,
+each atomically (os.replace). An export folder carries `.ringleader-export`, listing its files;
+export refuses a non-empty folder without it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import math
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from launcher.schema import RunConfig
+from launcher.schema import ModelConfig, RunConfig
 from trainer.build import model_kwargs
+from trainer.checkpoint import CheckpointError
+
+EXPORT_MARKER = ".ringleader-export"  # in every folder ringleader exports to; lists the files it wrote
+WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
+TMP_SUFFIX = ".ringleader-tmp"  # a file or folder being written; ringleader's own, never the user's
+
+
+# -- writing ---------------------------------------------------------------------------------------
 
 
 def save_consolidated(folder: Path, state: dict[str, torch.Tensor], cfg: RunConfig) -> None:
-    """Write weights and config into folder atomically (a .tmp folder renamed at the end)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    # Tied weights share storage, which safetensors refuses: each key gets its own copy.
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "ringleader"})
+    """final/ at the end of a run: weights and the run's config. final/ is ringleader's own, but a
+    user may have put files there: only model.safetensors, config.yaml and the marker are replaced."""
     model = {"_target_": cfg.model._target_, "name": cfg.model.name, "kwargs": model_kwargs(cfg.model)}
-    (tmp / "config.yaml").write_text(OmegaConf.to_yaml({"model": model, "run": OmegaConf.structured(cfg)}))
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        os.replace(folder, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, folder)
+    config = OmegaConf.to_yaml({"model": model, "run": OmegaConf.structured(cfg)})
+    write_export(folder, state, config)
 
 
 def write_final(folder: Path, strategy, cfg: RunConfig, *, is_main: bool) -> None:
@@ -49,30 +67,150 @@ def write_final(folder: Path, strategy, cfg: RunConfig, *, is_main: bool) -> Non
         dist.barrier()
 
 
+def write_export(folder: Path, state: dict[str, torch.Tensor], config: str) -> None:
+    """Write model.safetensors, config.yaml and the marker into folder, deleting nothing else.
+
+    A new folder is written as a sibling temporary folder and renamed: it appears whole or not at
+    all. In an existing one the marker comes first (so a crash leaves a folder export recognises as
+    its own), then each file is written under a temporary name beside its target and renamed onto
+    it; what else the folder holds stays."""
+    # Tied weights share storage, which safetensors refuses: each key gets its own copy.
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    names = [WEIGHTS, CONFIG]
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}{TMP_SUFFIX}-{os.getpid()}")
+        tmp.mkdir()
+        try:
+            write_marker(tmp, names)
+            write_files(tmp, tensors, config)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, nothing else
+            raise
+        return
+    write_marker(folder, sorted(set(names) | set(marker_files(folder))))
+    staged = write_files(folder, tensors, config, temporary=True)
+    for tmp, name in staged:
+        os.replace(tmp, folder / name)
+
+
+def write_files(folder: Path, tensors: dict[str, torch.Tensor], config: str, *, temporary: bool = False) -> list[tuple[Path, str]]:
+    """The two files, each fsynced; with `temporary`, under names to rename later (returned)."""
+    staged = []
+    for name in (WEIGHTS, CONFIG):
+        path = folder / (f".{name}{TMP_SUFFIX}" if temporary else name)
+        if name == WEIGHTS:
+            save_file(tensors, str(path), metadata={"format": "pt", "producer": "ringleader"})
+        else:
+            path.write_text(config)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        staged.append((path, name))
+    return staged
+
+
+def write_marker(folder: Path, names: list[str]) -> None:
+    tmp = folder / f"{EXPORT_MARKER}{TMP_SUFFIX}"
+    tmp.write_text(json.dumps({"written_by": "ringleader", "files": names}) + "\n")
+    os.replace(tmp, folder / EXPORT_MARKER)
+
+
+def marker_files(folder: Path) -> list[str]:
+    """The files an earlier export listed (names only, no paths), or [] when unreadable."""
+    try:
+        files = json.loads((folder / EXPORT_MARKER).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")] if isinstance(files, list) else []
+
+
+def check_out_dir(out: Path, checkpoint: Path) -> None:
+    """Refuse an OUT_DIR export would damage: a file, the checkpoint, a folder above it (the run
+    directory, the current folder...), a folder inside checkpoints/, or a non-empty folder that is
+    not an earlier export. Raises CheckpointError naming OUT_DIR and the fix."""
+    fix = f"give a new or empty folder, e.g. {checkpoint.parent.parent / 'exports' / checkpoint.name}"
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export OUT_DIR: {out} is a file; {fix}")
+    if out == checkpoint or out in checkpoint.parents:
+        what = "the checkpoint" if out == checkpoint else "a folder that holds the checkpoint"
+        raise CheckpointError(f"export OUT_DIR: {out} is {what}; export never writes there, {fix}")
+    if checkpoint.parent in out.parents:
+        raise CheckpointError(f"export OUT_DIR: {out} is inside {checkpoint.parent}, where checkpoints live; {fix}")
+    if out.is_dir() and not (out / EXPORT_MARKER).is_file() and any(out.iterdir()):
+        raise CheckpointError(f"export OUT_DIR: {out} is not empty and not an earlier export (no {EXPORT_MARKER}); export deletes nothing it did not write: {fix}")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
 def export_checkpoint(checkpoint: Path, out: Path | None = None) -> Path:
     """Write model.safetensors + config.yaml from a checkpoint folder into `out` (by default
-    <run>/exports/<checkpoint name>/). Raises CheckpointError naming a bad file."""
-    from trainer.build import build_model
-    from trainer.checkpoint import CheckpointError, verify
+    <run>/exports/<checkpoint name>/). Raises CheckpointError naming a bad file or folder; then
+    nothing has been written."""
+    from trainer.checkpoint import verify
 
     checkpoint = checkpoint.expanduser().resolve()
     verify(checkpoint)  # every file against the COMPLETE marker, before anything is read
-    config = checkpoint / "config.yaml"
-    if not config.is_file():  # checkpoints from before the config was saved with them
-        config = checkpoint.parent.parent / "config.yaml"
-    if not config.is_file():
-        raise CheckpointError(f"{checkpoint / 'config.yaml'}: missing, and no run config at {config}; the model cannot be rebuilt")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(config)))
-    if not (checkpoint / "dcp").is_dir():
-        raise CheckpointError(f"{checkpoint / 'dcp'}: missing; export reads torch.distributed.checkpoint folders (DDP, FSDP). For a DeepSpeed checkpoint, resume it and let the run end: it writes final/")
-    model = build_model(cfg.model)
-    state = {f"/model/{k}": v for k, v in model.state_dict(keep_vars=False).items()}
-    load_dcp_tensors(checkpoint / "dcp", state)
-    weights = {k.removeprefix("/model/"): v for k, v in state.items()}
-    model.load_state_dict(weights, strict=True)  # the shapes and names fit the model
+    config = export_config(checkpoint)
     out = (out or checkpoint.parent.parent / "exports" / checkpoint.name).expanduser().resolve()
-    save_consolidated(out, model.state_dict(), cfg)
+    check_out_dir(out, checkpoint)
+    if (checkpoint / "dcp").is_dir():
+        weights = read_dcp_model(checkpoint / "dcp")
+    elif (checkpoint / "deepspeed").is_dir():
+        weights = read_deepspeed_model(checkpoint)
+    else:
+        raise CheckpointError(f"{checkpoint}: neither dcp/ nor deepspeed/ inside; not a ringleader checkpoint")
+    write_export(out, weights, config)
     return out
+
+
+def export_config(checkpoint: Path) -> str:
+    """config.yaml of the export, from the checkpoint's config read as YAML data (safe_load: no
+    tags, no interpolation resolved, nothing imported): the model section as final/ has it, and the
+    run's config as it was."""
+    path = checkpoint / CONFIG
+    if not path.is_file():  # checkpoints from before the config was saved with them
+        path = checkpoint.parent.parent / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint / CONFIG}: missing, and no run config at {path}; export needs the model's settings")
+    try:
+        run = yaml.safe_load(path.read_text())
+        section = run["model"]
+        model_cfg = ModelConfig(**section)
+        model = {"_target_": model_cfg._target_, "name": model_cfg.name, "kwargs": model_kwargs(model_cfg)}
+        return yaml.safe_dump({"model": model, "run": run}, sort_keys=False)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a ringleader run config with a model section ({type(exc).__name__}: {exc})") from None
+
+
+def read_dcp_model(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors of a DCP folder, by the plain model's names: every "/model/<name>"
+    entry of the metadata, allocated as recorded and filled by DCP. Nothing is instantiated."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from trainer.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError
+
+    try:
+        metadata = SafeFileSystemReader(str(folder)).read_metadata()
+    except (UnsafeCheckpointError, OSError) as exc:
+        raise CheckpointError(str(exc)) from None
+    source = folder / ".metadata"
+    entries = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(k, str) and k.startswith("/model/")}
+    if not entries:
+        raise CheckpointError(f"{source}: no model tensors (no '/model/...' entries); not a ringleader checkpoint")
+    # A crafted metadata could ask for a tensor of any size: what DCP reads fits in the shards.
+    budget = sum(p.stat().st_size for p in folder.glob("*.distcp"))
+    state, total = {}, 0
+    for key, meta in entries.items():
+        if not isinstance(meta, TensorStorageMetadata) or not isinstance(meta.properties.dtype, torch.dtype) or not all(isinstance(n, int) and n >= 0 for n in meta.size):
+            raise CheckpointError(f"{source}: entry {key} is not a tensor of known shape and dtype")
+        total += math.prod(meta.size) * meta.properties.dtype.itemsize
+        if total > budget:
+            raise CheckpointError(f"{source}: the model's tensors would take more than the {budget} bytes of shards in {folder}; the metadata is corrupt or crafted")
+        state[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    load_dcp_tensors(folder, state)
+    return {k.removeprefix("/model/"): v for k, v in state.items()}
 
 
 def load_dcp_tensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
@@ -80,7 +218,6 @@ def load_dcp_tensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from trainer.checkpoint import CheckpointError
     from trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
     try:
@@ -89,3 +226,42 @@ def load_dcp_tensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
             dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=SafeLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{folder}: cannot read the model's tensors ({type(exc).__name__}: {exc})") from exc
+
+
+def read_deepspeed_model(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed (ZeRO 1/2/3) checkpoint, consolidated by DeepSpeed's
+    zero_to_fp32 from every rank's partition, as final/ holds them. Its torch.load calls ask for
+    weights_only=False; weights_only_loads forces True, so a crafted file cannot run code."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from trainer.strategies.deepspeed import TAG
+
+    try:
+        with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    except Exception as exc:
+        raise CheckpointError(f"{checkpoint / TAG}: cannot consolidate the DeepSpeed checkpoint ({type(exc).__name__}: {exc})") from None
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """torch.load, for the duration, with weights_only=True whatever the caller asks, allowing only
+    the four DeepSpeed classes with plain attributes its checkpoints hold (the same as
+    trainer/strategies/deepspeed.py safe_load, which resume uses). The export verb is one thread in
+    a process of its own, so swapping the function is contained."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+
+    def load(f: Any, map_location: Any = None, *args: Any, weights_only: Any = None, **kwargs: Any) -> Any:
+        return original(f, map_location, *args, weights_only=True, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+            yield
+    finally:
+        torch.load = original
