@@ -35,11 +35,20 @@ def prepare(composed: Composed) -> Prepared:
     cfg = composed.config
     validate_config(cfg)
     host = describe_host()
-    run_dir = Path(cfg.train.output_dir).expanduser().resolve()
+    run_dir = absolute(cfg.train.output_dir)
+    # Every path the ranks open is made absolute here, against the folder the user typed the
+    # command in: a rank's (or a SLURM job's) current folder need not be that one.
     cfg = dataclasses.replace(
         cfg,
         hw=resolve_hw(cfg.hw, host),
-        train=dataclasses.replace(cfg.train, output_dir=str(run_dir), logging_dir=cfg.train.logging_dir or str(run_dir / "tensorboard")),
+        train=dataclasses.replace(
+            cfg.train,
+            output_dir=str(run_dir),
+            logging_dir=str(absolute(cfg.train.logging_dir)) if cfg.train.logging_dir else str(run_dir / "tensorboard"),
+            resume=cfg.train.resume if cfg.train.resume in ("auto", "none") else str(absolute(cfg.train.resume)),
+        ),
+        model=dataclasses.replace(cfg.model, init_from=str(absolute(cfg.model.init_from)) if cfg.model.init_from else ""),
+        data=dataclasses.replace(cfg.data, paths=[os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths]),
     )
     validate_hardware(cfg, host)
     if not cfg.dry_run:  # a dry run may plan for a cluster's paths that do not exist here
@@ -47,6 +56,10 @@ def prepare(composed: Composed) -> Prepared:
         check_writable(Path(cfg.train.logging_dir), "train.logging_dir")
     plan = plan_run(cfg, host, run_dir)
     return Prepared(config=cfg, plan=plan, text=render_plan(plan, cfg))
+
+
+def absolute(path: str) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 def check_writable(folder: Path, key: str) -> None:
