@@ -122,7 +122,7 @@ def test_export_any_checkpoint_and_load_it_with_plain_pytorch(reference):
     proc = subprocess.run([sys.executable, "-m", "launcher", "export", str(checkpoint)], capture_output=True, text=True, cwd=ROOT, env=launcher_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = reference.run_dir / "exports" / "step-14"
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".ringleader-export", "config.yaml", "model.safetensors"]
     assert_same_tensors(load_file(str(out / "model.safetensors")), reference.weights())
 
     # A fresh process: safetensors, yaml and the model class, strict loading; nothing else.

@@ -219,6 +219,9 @@ class NativeStrategy(Strategy):
         extra = json.loads((path / "strategy.json").read_text())
         tensors: dict[str, torch.Tensor] = {}
         split_tensors(self.tensor_state(), "", tensors)
+        # Read (and refuse) crafted metadata here, where its error is one line: inside dcp.load it
+        # comes back wrapped in a CheckpointException with every rank's traceback.
+        SafeFileSystemReader(str(path / "dcp")).read_metadata()
         dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path / "dcp")), planner=SafeLoadPlanner())
         state = join_tensors(extra["skeleton"], tensors)
         optim = state["optimizer"]
