@@ -329,3 +329,47 @@ def test_export_bad_arguments_are_one_line_and_write_nothing(case, tmp_path, cap
     code, err = export_in_process(capsys, *args)
     assert_one_line_error(code, err, expected)
     assert files_under(tmp_path) == before
+
+
+# -- DeepSpeed checkpoints: DeepSpeed's own consolidation, every torch.load weights_only -------------
+
+DEEPSPEED_JOB = [*TINY, "strategy=zero2", "train.max_steps=2", "train.save_strategy=steps", "train.save_steps=2", "train.report_to=[]"]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory) -> Path:
+    """A real ZeRO-2 run on 2 CPU ranks: checkpoint step-2 and final/ (the weights of step 2)."""
+    run = run_launcher(tmp_path_factory.mktemp("zero2") / "run", *DEEPSPEED_JOB)
+    assert (run.run_dir / "checkpoints" / "step-2" / "deepspeed").is_dir()
+    return run.run_dir
+
+
+def export_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", "export", *args], capture_output=True, text=True, cwd=cwd, env=launcher_env(), timeout=180)
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoint_exports_the_weights_of_final(deepspeed_run, tmp_path):
+    out = tmp_path / "out"
+    proc = export_process(str(deepspeed_run / "checkpoints" / "step-2"), str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert files_under(out) == [".ringleader-export", "config.yaml", "model.safetensors"]
+    assert_same_tensors(load_file(str(out / "model.safetensors")), load_file(str(deepspeed_run / "final" / "model.safetensors")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relative", ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+def test_crafted_deepspeed_file_runs_nothing_on_export(relative, deepspeed_run, tmp_path):
+    """DeepSpeed's zero_to_fp32 calls torch.load(weights_only=False): a file pickling a command,
+    its marker re-recorded, must be refused in one line naming it."""
+    run_dir = copy_run(deepspeed_run, tmp_path)
+    checkpoint = run_dir / "checkpoints" / "step-2"
+    sentinel = tmp_path / "code-ran"
+    buffer = __import__("io").BytesIO()
+    torch.save({"module": {}, "payload": RunsCode(f"touch {shlex.quote(str(sentinel))}")}, buffer)
+    crafted = plant(checkpoint, relative, buffer.getvalue())
+    proc = export_process(str(checkpoint), cwd=tmp_path)
+    assert not sentinel.exists(), "the crafted DeepSpeed file ran its command"
+    err = [line for line in proc.stderr.splitlines() if line.startswith("ringleader: ")]
+    assert proc.returncode == 2 and len(err) == 1 and f"{crafted}: refusing to unpickle" in err[0], proc.stderr[-3000:]
+    assert not (run_dir / "exports").exists()

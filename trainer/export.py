@@ -27,6 +27,8 @@ import io
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -237,8 +239,10 @@ def read_deepspeed_model(checkpoint: Path) -> dict[str, torch.Tensor]:
     from trainer.strategies.deepspeed import TAG
 
     try:
-        with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{checkpoint / TAG}: cannot consolidate the DeepSpeed checkpoint ({type(exc).__name__}: {exc})") from None
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -257,7 +261,12 @@ def weights_only_loads() -> Iterator[None]:
     original = torch.load
 
     def load(f: Any, map_location: Any = None, *args: Any, weights_only: Any = None, **kwargs: Any) -> Any:
-        return original(f, map_location, *args, weights_only=True, **kwargs)
+        try:
+            return original(f, map_location, *args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as exc:  # torch's message is a page; the refused name is in it
+            refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f"refusing to unpickle {refused.group(1)}" if refused else "refusing to unpickle it"
+            raise CheckpointError(f"{f}: {what}; DeepSpeed's files are read with weights_only=True, and this one holds more than tensors") from None
 
     torch.load = load
     try:
