@@ -8,8 +8,10 @@ checkpoint's config names, and must never delete a file ringleader did not write
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shlex
 import shutil
 import struct
@@ -69,7 +71,7 @@ def payloads(sentinel: Path) -> dict[str, bytes]:
         "torch.hub.load (dotted torch attribute)": PROTO4 + call(stack_global("torch", "hub.load"), text("attacker/repo"), text("model")) + STOP,
         "command nested in an allowed class": PROTO4 + call(stack_global(DCP_META, "Metadata"), call(stack_global(DCP_FS, "os.system"), text(cmd))) + STOP,
         "persistent id": PROTO4 + text("x") + b"Q" + STOP,
-        "__reduce__ of a pickled object": __import__("pickle").dumps(RunsCode(cmd)),
+        "__reduce__ of a pickled object": pickle.dumps(RunsCode(cmd)),
     }
 
 
@@ -171,8 +173,6 @@ def test_export_of_a_crafted_checkpoint_runs_nothing_and_writes_nothing(shape, t
 def test_export_refuses_storage_records_that_point_outside_the_checkpoint(trained, tmp_path, capsys):
     """DCP joins each record's relative_path to the folder as it is: '../..' would read any file
     of the machine into the exported tensors."""
-    import pickle
-
     from trainer.safe_dcp import load_metadata
 
     run_dir = copy_run(trained, tmp_path)
@@ -365,7 +365,7 @@ def test_crafted_deepspeed_file_runs_nothing_on_export(relative, deepspeed_run, 
     run_dir = copy_run(deepspeed_run, tmp_path)
     checkpoint = run_dir / "checkpoints" / "step-2"
     sentinel = tmp_path / "code-ran"
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     torch.save({"module": {}, "payload": RunsCode(f"touch {shlex.quote(str(sentinel))}")}, buffer)
     crafted = plant(checkpoint, relative, buffer.getvalue())
     proc = export_process(str(checkpoint), cwd=tmp_path)

@@ -14,6 +14,15 @@ reshards N ranks' shards into the plain model. DeepSpeed checkpoints: DeepSpeed'
 (zero_to_fp32), with every torch.load it makes forced to weights_only=True. The config's model
 section is copied as YAML data.
 
+What is and is not protected from a crafted checkpoint, on resume and export: DCP metadata
+(safe_dcp's allowlist) and shards (torch.load weights_only=True, inside DCP); ringleader's own
+files (JSON, safetensors); DeepSpeed's files (weights_only=True with four plain DeepSpeed classes:
+its engine's checkpoint_engine.load on resume, trainer/strategies/deepspeed.py safe_load, and
+weights_only_loads here). Not covered: DeepSpeed's universal-checkpoint loaders (ringleader never
+turns them on), and the zero_to_fp32.py script DeepSpeed copies into every checkpoint: run by hand,
+it unpickles with weights_only=False. The COMPLETE marker catches corruption, not an attacker, who
+can recompute its checksums.
+
 Writing never deletes what ringleader did not write: a folder is written whole into a sibling
 temporary folder and renamed, or, when it exists, only the files ringleader writes are replaced,
 each atomically (os.replace). An export folder carries `.ringleader-export`, listing its files;
