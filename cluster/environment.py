@@ -11,6 +11,28 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from launcher.errors import ConfigError
+
+# What the shell (and os.environ) accept as a variable's name: anything else in an `export KEY=...`
+# line of a script is a command, and in a process environment an error.
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_variable_names(variables: Mapping[str, str], key: str) -> None:
+    """Every name of a dict that becomes environment variables (hw.nccl_env) is a variable name:
+    `export NAME=...` in the sbatch script, `NAME=... torchrun` in the printed command."""
+    for name in variables:
+        if not VARIABLE_NAME.fullmatch(str(name)):
+            raise ConfigError(f"{key}.{name}", f"{str(name)!r} is not an environment variable name; use letters, digits and _ (not first a digit), e.g. {key}.NCCL_DEBUG=INFO")
+
+
+class EnvironmentVariableError(ConfigError):
+    """A variable that SLURM or torchrun should have set holds something else: named, one line, so
+    the launcher exits 2 and a rank fails with the variable's name instead of a traceback."""
+
+    def __init__(self, variable: str, value: str, expected: str) -> None:
+        super().__init__(variable, f"is {value!r}, expected {expected}; this process's SLURM/torchrun environment is broken: unset it or run inside a real job step")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Environment:
@@ -32,8 +54,35 @@ class Environment:
         raise NotImplementedError
 
 
+# The smallest value each field may hold: counts start at 1, indices at 0.
+MINIMUM = {"world_size": 1, "local_world_size": 1, "nnodes": 1, "step_tasks": 1}
+# SLURM's job and step ids are numbers; they become run directory names and rendezvous ids.
+ID = re.compile(r"[0-9]+")
+
+
+def _int(environ: Mapping[str, str], var: str, field: str) -> int:
+    text = environ[var].strip()
+    lowest = MINIMUM.get(field, 0)
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < lowest:
+        raise EnvironmentVariableError(var, environ[var], f"a whole number >= {lowest}")
+    return int(text)
+
+
 def _ints(environ: Mapping[str, str], table: dict[str, str]) -> dict[str, int]:
-    return {field: int(environ[var]) for field, var in table.items() if var in environ}
+    return {field: _int(environ, var, field) for field, var in table.items() if var in environ}
+
+
+def _check_within(values: dict[str, int], index: str, count: str, table: dict[str, str]) -> None:
+    """An index (rank) below its count (world size), when both are set."""
+    if index in values and count in values and values[index] >= values[count]:
+        raise EnvironmentVariableError(table[index], str(values[index]), f"a number below {table[count]}={values[count]}")
+
+
+def _id(environ: Mapping[str, str], var: str) -> str:
+    value = environ.get(var, "")
+    if value and not ID.fullmatch(value):
+        raise EnvironmentVariableError(var, value, "a SLURM id (digits only)")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +104,10 @@ class TorchrunEnvironment(Environment):
         if "TORCHELASTIC_RUN_ID" not in environ or "RANK" not in environ:
             return None
         values = _ints(environ, cls.FIELDS)
+        _check_within(values, "rank", "world_size", cls.FIELDS)
+        _check_within(values, "local_rank", "local_world_size", cls.FIELDS)
         nnodes = values.get("world_size", 1) // max(1, values.get("local_world_size", 1))
-        return cls(name="torchrun", nnodes=max(1, nnodes), job_id=environ.get("SLURM_JOB_ID", ""), **values)
+        return cls(name="torchrun", nnodes=max(1, nnodes), job_id=_id(environ, "SLURM_JOB_ID"), **values)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +127,7 @@ class SlurmEnvironment(Environment):
     nodelist: str = ""
     step_nodelist: str = ""  # the nodes of this srun step (a subset of the job's, or all of them)
     step_tasks: int = 0
+    step_id: str = ""  # SLURM_STEP_ID: digits, or "" in the batch script
 
     @classmethod
     def detect(cls, environ: Mapping[str, str]) -> "SlurmEnvironment | None":
@@ -83,10 +135,20 @@ class SlurmEnvironment(Environment):
         if "SLURM_JOB_ID" not in environ or "SLURM_PROCID" not in environ:
             return None
         values = _ints(environ, cls.FIELDS)
+        _check_within(values, "rank", "world_size", cls.FIELDS)
+        _check_within(values, "node_rank", "nnodes", cls.FIELDS)
+        nodelist_var = "SLURM_JOB_NODELIST" if "SLURM_JOB_NODELIST" in environ else "SLURM_NODELIST"
+        for var in (nodelist_var, "SLURM_STEP_NODELIST"):
+            if environ.get(var):
+                try:
+                    expand_hostlist(environ[var])
+                except ValueError as exc:
+                    raise EnvironmentVariableError(var, environ[var], f"a SLURM host list such as n[1-4],login1 ({exc})") from exc
         return cls(
             name="slurm",
-            job_id=environ["SLURM_JOB_ID"],
-            nodelist=environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST", "")),
+            job_id=_id(environ, "SLURM_JOB_ID") or _missing_id(environ),
+            step_id=_id(environ, "SLURM_STEP_ID"),
+            nodelist=environ.get(nodelist_var, ""),
             step_nodelist=environ.get("SLURM_STEP_NODELIST", ""),
             **values,
         )
@@ -95,6 +157,10 @@ class SlurmEnvironment(Environment):
     def first_host(self) -> str:
         hosts = expand_hostlist(self.nodelist)
         return hosts[0] if hosts else os.uname().nodename
+
+
+def _missing_id(environ: Mapping[str, str]) -> str:
+    raise EnvironmentVariableError("SLURM_JOB_ID", environ.get("SLURM_JOB_ID", ""), "a SLURM job id (digits only)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,22 +187,40 @@ def detect_environment(environ: Mapping[str, str] | None = None) -> Environment:
     raise AssertionError("LocalEnvironment always detects")
 
 
+# One host name of a list: letters, digits, `.`, `-`, `_` (what SLURM's NodeName allows in practice).
+HOST = r"[A-Za-z0-9._-]+"
+# One item of a compressed list: a name, or a prefix, one bracketed set of numbers and ranges, a suffix.
+HOSTLIST_ITEM = re.compile(rf"({HOST}|(?:{HOST})?\[[0-9,-]+\](?:{HOST})?)(?:,|$)")
+RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+
+
 def expand_hostlist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list ("gpu[01-03,07],login1") as names, as `scontrol show hostnames`."""
+    """SLURM's compressed host list ("gpu[01-03,07],login1") as names, as `scontrol show hostnames`.
+    Anything else (an unclosed bracket, a reversed range, a stray character) is a ValueError: a
+    host name made of garbage would only fail later, as a rendezvous that never connects."""
     hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not match:
-            hosts.append(part)
+    position = 0
+    while position < len(nodelist):
+        match = HOSTLIST_ITEM.match(nodelist, position)
+        if not match or match.end() == position:
+            raise ValueError(f"cannot read {nodelist[position:]!r}")
+        position = match.end()
+        item = match.group(1)
+        if "[" not in item:
+            hosts.append(item)
             continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            if not hi:
-                hosts.append(f"{prefix}{lo}{suffix}")
-                continue
-            for i in range(int(lo), int(hi) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+        prefix, _, rest = item.partition("[")
+        ranges, _, suffix = rest.partition("]")
+        for part in ranges.split(","):
+            found = RANGE.fullmatch(part)
+            if not found:
+                raise ValueError(f"{part!r} is not a number or a range in {item!r}")
+            lo, hi = found.group(1), found.group(2) or found.group(1)
+            if int(hi) < int(lo) or int(hi) - int(lo) > 100_000:
+                raise ValueError(f"{part!r} is not a range from low to high in {item!r}")
+            hosts += [f"{prefix}{str(i).zfill(len(lo))}{suffix}" for i in range(int(lo), int(hi) + 1)]
+    if nodelist.endswith(","):
+        raise ValueError("it ends with a comma")
     return hosts
 
 

@@ -103,8 +103,8 @@ def compose_and_start(overrides: list[str], config_dirs: list[str], config_name:
 
     from cluster.slurm import allocation_overrides
 
-    overrides += allocation_overrides(overrides)  # `srun python -m launcher ...` inside an allocation
     try:
+        overrides += allocation_overrides(overrides)  # `srun python -m launcher ...` inside an allocation
         composed = compose(overrides, config_dirs=config_dirs, config_name=config_name)
     except ConfigError as exc:
         return error(str(exc))
@@ -133,6 +133,9 @@ def start(composed, *, trial: bool = False) -> int:
 
     prepared = prepare(composed)
     plan, cfg = prepared.plan, prepared.config
+    from cluster.slurm import check_can_submit
+
+    check_can_submit(cfg)  # cluster=slurm: sbatch on PATH, before anything is written (not in a dry run)
     from trainer import corpus
 
     corpus.save_listing_cache()  # only now that the plan holds: a refused launch writes nothing, not even a cache

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.environment import Host
+from cluster.environment import Host, check_variable_names
 from launcher.errors import ConfigError
 from launcher.deepspeed_config import deepspeed_config, is_deepspeed, validate_strategy
 from launcher.memory import plan_memory
@@ -108,6 +108,7 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     backend = t.ddp_backend or ("nccl" if cfg.hw.accelerator == "cuda" else "gloo")
     threads = max(1, cfg.hw.cpus_per_node // nproc) if cfg.hw.accelerator == "cpu" else max(1, min(8, cfg.hw.cpus_per_node // max(1, nproc)))
+    check_variable_names(cfg.hw.nccl_env, "hw.nccl_env")  # they become `export NAME=...` lines and NAME=... words
     env = {"OMP_NUM_THREADS": str(threads), **cfg.hw.nccl_env}
     plan = Plan(
         run_dir=str(run_dir),

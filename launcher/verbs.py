@@ -6,12 +6,14 @@ One function per verb in VERBS; each returns the exit code. Nothing here imports
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from launcher.errors import ConfigError
 from launcher.rundir import print_appended, read_json
 
 
@@ -29,6 +31,14 @@ def run_dir_arg(args: list[str], verb: str) -> Path | None:
         error(f"{run_dir} is not a ringleader run directory (no config.yaml); give the train.output_dir of a run")
         return None
     return run_dir
+
+
+def job_of(run_dir: Path) -> str | None:
+    """The run's SLURM job id (None: never submitted). A damaged slurm.json raises ConfigError
+    naming the file (cluster/slurm.py read_job), which each verb prints as its one-line error."""
+    from cluster.slurm import read_job
+
+    return read_job(run_dir)
 
 
 def last_step(run_dir: Path) -> int | None:
@@ -51,18 +61,23 @@ def status(args: list[str]) -> int:
     run_dir = run_dir_arg(args, "status")
     if run_dir is None:
         return 2
-    from cluster.slurm import job_info, read_job
+    from cluster.slurm import job_info
 
+    try:
+        job_id = job_of(run_dir)
+    except ConfigError as exc:
+        return error(str(exc))
     plan = read_json(run_dir / "plan.json") or {}
     result = read_json(run_dir / "result.json") or {}
     rows = [("run directory", str(run_dir)), ("where", f"{plan.get('cluster', '?')}: {plan.get('nodes', '?')} node(s) x {plan.get('nproc_per_node', '?')}")]
-    job_id = read_job(run_dir)
     if job_id:
         info = job_info(job_id)
         if info:
             reason = info.get("Reason", "None")
             state = info["JobState"] + (f" ({reason})" if reason not in ("None", "") else "")
             rows += [("job", f"{job_id} {state}, restarts {info.get('Restarts', '0')}, run time {info.get('RunTime', '?')} of {info.get('TimeLimit', '?')}, nodes {info.get('NodeList', '?')}")]
+        elif shutil.which("scontrol") is None:
+            rows += [("job", f"{job_id} (scontrol is not on PATH here: run status on a login node of the cluster)")]
         else:
             rows += [("job", f"{job_id} (no longer known to slurmctld)")]
     step = last_step(run_dir)
@@ -102,9 +117,10 @@ def logs(args: list[str]) -> int:
         else:
             return error(f"logs: unknown argument {arg}; use: logs RUN_DIR [--rank N | --slurm] [-f]")
     if batch:
-        from cluster.slurm import read_job
-
-        job_id = read_job(run_dir)
+        try:
+            job_id = job_of(run_dir)
+        except ConfigError as exc:
+            return error(str(exc))
         if not job_id:
             return error(f"{run_dir} has no SLURM job (no slurm.json)")
         path = run_dir / "logs" / f"slurm-{job_id}.log"
@@ -129,11 +145,14 @@ def cancel(args: list[str]) -> int:
     run_dir = run_dir_arg(args, "cancel")
     if run_dir is None:
         return 2
-    from cluster.slurm import read_job
-
-    job_id = read_job(run_dir)
+    try:
+        job_id = job_of(run_dir)
+    except ConfigError as exc:
+        return error(str(exc))
     if not job_id:
         return error(f"{run_dir} has no SLURM job to cancel (no slurm.json); a local run stops with Ctrl-C")
+    if shutil.which("scancel") is None:
+        return error(f"scancel is not on PATH here, so job {job_id} cannot be cancelled from this machine; run cancel on a login node of the cluster")
     proc = subprocess.run(["scancel", job_id], capture_output=True, text=True)
     if proc.returncode != 0:
         return error(f"scancel {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()}")

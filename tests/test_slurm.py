@@ -101,9 +101,9 @@ def test_two_nodes_match_four_local_ranks_and_values_stay_literal(cluster: Local
     sentinel.unlink(missing_ok=True)
     run_dir = tmp_path / "slurm $(touch x)"
     slurm = run_launcher(
-        None, *TINY, "cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=2", "cluster.wait=true", "cluster.rdzv_port=29611",
+        None, *TINY, "+hw=cpu", "cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=2", "cluster.wait=true", "cluster.rdzv_port=29611",
         f"train.output_dir='{run_dir}'",
-        f"cluster.setup=['echo $(touch {SENTINEL}) `touch {SENTINEL}` ; touch {SENTINEL}']",
+        f"cluster.setup=[\"echo '$(touch {SENTINEL}) `touch {SENTINEL}` ; touch {SENTINEL}'\"]",
         f"+cluster.sbatch_extra.comment='$(touch {SENTINEL}) `touch {SENTINEL}`'",
         env=slurm_env(cluster), timeout=240,
     )
@@ -179,7 +179,7 @@ def test_requeue_cap_status_logs_and_cancel(cluster: LocalSlurmCluster, tmp_path
     """A time-limit signal that keeps coming ends at cluster.max_requeues with status requeue_limit;
     status, logs and cancel work on the run directory; cancel (SIGTERM) checkpoints and never requeues."""
     run_dir = tmp_path / "capped"
-    args = [*TINY, "train.max_steps=5000", "cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1", "cluster.max_requeues=1", "cluster.rdzv_port=29613"]
+    args = [*TINY, "train.max_steps=5000", "+hw=cpu", "cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1", "cluster.max_requeues=1", "cluster.rdzv_port=29613"]
     run_launcher(run_dir, *args, env=slurm_env(cluster))
     job = job_id(run_dir)
     wait_for("the job to run", lambda: last_step(run_dir) >= 1)

@@ -54,7 +54,7 @@ def test_cluster_slurm_sweep_submits_each_trial_and_summarises_later(cluster: Lo
     A third trial, cancelled while it waits in the queue, shows up as failed with SLURM's reason."""
     sweep_dir = tmp_path / "sweep"
     proc = launcher(
-        cluster, "-m", LEARNING_RATES + ",1e-2", *TINY, *EVAL, "cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1",
+        cluster, "-m", LEARNING_RATES + ",1e-2", *TINY, *EVAL, "+hw=cpu", "cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1",
         "cluster.cpus_per_task=2", "cluster.rdzv_port=29631", f"hydra.sweep.dir={sweep_dir}",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
