@@ -38,5 +38,18 @@ def _write_peak() -> None:
         print(f"gpu_check probe: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
+def _chain_to_the_shadowed_sitecustomize() -> None:
+    """This file hides any sitecustomize further down sys.path (Debian's Python ships one): run it."""
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
+    if spec is not None and spec.loader is not None:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 if os.environ.get("RINGLEADER_GPU_PROBE_DIR"):
     atexit.register(_write_peak)  # registered first, so it runs last, after the trainer's own
+_chain_to_the_shadowed_sitecustomize()
