@@ -144,3 +144,11 @@ def test_zero3_offload_trains_and_matches(runs, tmp_path):
     run = run_launcher(tmp_path / "offload", *args("zero3_offload", "train.save_strategy=no"), timeout=600)
     for a, b in zip(losses(runs["ddp"]), losses(run), strict=True):
         assert abs(a - b) <= 1e-3 * abs(a)
+
+
+def test_deepspeed_on_one_rank(tmp_path):
+    """A single GPU is one rank: DeepSpeed's engine needs a process group even then (it failed with
+    "Distributed backend is not initialized"). Same check on one CPU rank."""
+    run = run_launcher(tmp_path / "run", *TINY, "train.max_steps=4", "strategy=zero2", "cluster.nproc_per_node=1", "train.save_strategy=steps", "train.save_steps=4")
+    assert run.result()["status"] == "completed" and run.plan()["world_size"] == 1
+    assert (run.run_dir / "checkpoints" / "step-4" / "COMPLETE").is_file()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from cluster.environment import Environment, detect_environment
+from launcher.deepspeed_config import is_deepspeed
 from launcher.schema import RunConfig
 
 log = logging.getLogger("ringleader")
@@ -123,7 +124,9 @@ def init_runtime(run_dir: Path, cfg: RunConfig, plan: dict) -> Runtime:
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(s, stop)
     group = None
-    if env.world_size > 1:
+    # One rank needs a process group too where something expects one: DeepSpeed's engine always
+    # does (it fails at world size 1 without it), and on GPUs NCCL is then set up as for N ranks.
+    if env.world_size > 1 or cfg.hw.accelerator == "cuda" or is_deepspeed(cfg):
         timeout = datetime.timedelta(seconds=cfg.train.ddp_timeout)
         dist.init_process_group(backend=plan["backend"], timeout=timeout, device_id=device if device.type == "cuda" else None, **attempt_store(env, timeout))
         # Checkpoint collectives (and an asynchronous save's thread) use a gloo group of their own;
