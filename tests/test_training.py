@@ -127,8 +127,12 @@ def test_nonfinite_loss_stops_naming_step_and_rank_or_is_skipped(tmp_path):
     assert result["status"] == "failed" and "non-finite" in result["error"]
     assert "at step" in result["error"] and "rank" in result["error"]
     assert "train.nonfinite=skip" in result["error"]
-    skipped = run_launcher(tmp_path / "skip", *TINY, *boom, "train.nonfinite=skip")
+    skipped = run_launcher(tmp_path / "skip", *TINY, *boom, "train.nonfinite=skip", "scheduler=linear")
     assert skipped.result()["skipped_steps"] >= 1 and skipped.result()["status"] == "completed"
+    # As transformers' Trainer: the schedule advances only with an applied update. Each skipped
+    # step logs the learning rate of the step before it; the first step is never skipped.
+    lrs = [m["learning_rate"] for m in skipped.metrics() if "learning_rate" in m]
+    assert len(lrs) == 6 and len(set(lrs)) == 6 - skipped.result()["skipped_steps"], lrs
 
 
 def test_user_model_and_dataset_through_config_dir(tmp_path):

@@ -139,10 +139,13 @@ class Trainer:
             fault_point("step", s.step, rt.rank)  # tests only: RINGLEADER_FAULT (trainer/faults.py)
             # One small collective a step: a stop request on any rank, a non-finite loss on any rank.
             stop, nonfinite = all_reduce([float(bool(rt.stop.signum)), float(not torch.isfinite(local_loss))], dist.ReduceOp.MAX if dist.is_initialized() else None)
-            if nonfinite or (result.skipped and self.strategy.precision != "fp16"):
+            if nonfinite or (result.skipped and not result.overflow):
                 self.on_nonfinite(local_loss, result.grad_norm)
                 local_loss = torch.zeros((), device=rt.device)
             else:
+                if result.overflow:
+                    s.skipped_steps += 1
+                    log.info("step %d skipped by the fp16 loss scaler (gradients overflowed); the loss scale is lowered", s.step)
                 window.loss += float(local_loss)
                 window.steps += 1
             window.tokens += self.plan["tokens_per_step"]

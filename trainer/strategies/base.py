@@ -17,7 +17,10 @@ from trainer.durable import FileInfo
 @dataclass(frozen=True, kw_only=True)
 class StepResult:
     grad_norm: torch.Tensor  # before clipping, over all ranks
-    skipped: bool  # the update was not applied (non-finite gradients)
+    skipped: bool  # the update was not applied (non-finite gradients); the schedule did not advance
+    # The skip was the fp16 loss scaler's: it lowered its scale and will try again. Expected now and
+    # then, counted in skipped_steps; any other skip is a non-finite step (train.nonfinite decides).
+    overflow: bool = False
 
 
 class Strategy(ABC):

@@ -83,9 +83,9 @@ class DeepSpeedStrategy(Strategy):
         if norm is None:
             norm = math.nan
         norm_t = norm.detach().float().cpu() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
-        if not applied and self.scheduler is not None:
-            self.scheduler.step()  # the schedule advances on a skipped step too, as with DDP
-        return StepResult(grad_norm=norm_t, skipped=not applied or not bool(torch.isfinite(norm_t)))
+        # The engine advances the schedule only when it applied the update (an fp16 overflow skips
+        # both), as transformers' Trainer does.
+        return StepResult(grad_norm=norm_t, skipped=not applied or not bool(torch.isfinite(norm_t)), overflow=not applied)
 
     @property
     def learning_rate(self) -> float:

@@ -129,8 +129,9 @@ class NativeStrategy(Strategy):
             self.scaler.step(self.optimizer)  # with fp16 the scaler itself skips non-finite steps
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepResult(grad_norm=norm.detach(), skipped=not finite)
+        if finite:  # as transformers' Trainer: the schedule advances only with an applied update
+            self.scheduler.step()
+        return StepResult(grad_norm=norm.detach(), skipped=not finite, overflow=not finite and self.scaler.is_enabled())
 
     @property
     def learning_rate(self) -> float:
