@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from tests.checkpoint_tools import log_of
 from tests.conftest import ROOT, TINY, launcher_env, run_launcher
 
 
@@ -133,6 +134,17 @@ def test_nonfinite_loss_stops_naming_step_and_rank_or_is_skipped(tmp_path):
     # step logs the learning rate of the step before it; the first step is never skipped.
     lrs = [m["learning_rate"] for m in skipped.metrics() if "learning_rate" in m]
     assert len(lrs) == 6 and len(set(lrs)) == 6 - skipped.result()["skipped_steps"], lrs
+
+
+def test_a_forced_overflow_is_skipped_and_the_schedule_waits(tmp_path):
+    """RINGLEADER_FAULT=overflow makes step 3's gradients inf on rank 1 (how the GPU check forces an
+    fp16 overflow; on the CPU, in fp32, it is a non-finite step): the update is skipped on every
+    rank, counted, and the learning rate logged at step 3 is step 2's."""
+    run = run_launcher(tmp_path / "run", *TINY, "train.max_steps=5", "train.nonfinite=skip", "scheduler=linear", env=launcher_env(RINGLEADER_FAULT="overflow:1:3"))
+    assert run.result()["skipped_steps"] == 1 and run.result()["status"] == "completed"
+    lrs = {m["step"]: m["learning_rate"] for m in run.metrics() if "learning_rate" in m}
+    assert lrs[3] == lrs[2] and len(set(lrs.values())) == 4, lrs
+    assert "step 3 skipped: non-finite gradient norm" in log_of(run.run_dir)
 
 
 def test_user_model_and_dataset_through_config_dir(tmp_path):

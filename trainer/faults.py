@@ -29,6 +29,7 @@ POINTS = {
     "save-async-copy": "saving step STEP asynchronously: in the writer thread, before it copies the state",
     "save-async-write": "saving step STEP asynchronously: in the writer thread, state copied, before it writes",
     "eval": "evaluating after step STEP: before each evaluation batch (trainer/loop.py)",
+    "overflow": "optimizer step STEP: this rank's gradients become inf (an fp16 overflow, or a non-finite step); no ACTION",
 }
 
 
@@ -46,6 +47,11 @@ def parse(spec: str, attempt: int) -> list[tuple[str, int, int, str]]:
 
 
 FAULTS = parse(os.environ.get(ENV, ""), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def planned(point: str, step: int, rank: int) -> bool:
+    """Whether a fault that changes a value rather than the process (overflow) is planned here."""
+    return any((p, r, s) == (point, rank, step) for p, r, s, _ in FAULTS)
 
 
 def fault_point(point: str, step: int, rank: int, before: Callable[[], None] | None = None) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from launcher.schema import RunConfig
 from trainer.checkpoint import CheckpointManager
 from trainer.data import epoch_ends, eval_batches, start_position, train_batches
-from trainer.faults import fault_point
+from trainer.faults import fault_point, planned
 from trainer.metrics import MetricsLogger
 from trainer.runtime import Runtime
 from trainer.strategies import Strategy
@@ -122,10 +122,11 @@ class Trainer:
         while s.step < self.total:
             self.strategy.train()
             loss_sum = torch.zeros((), device=rt.device)
+            scale = math.inf if planned("overflow", s.step + 1, rt.rank) else 1.0  # tests only: RINGLEADER_FAULT
             for micro in range(self.G):
                 input_ids, labels = (x.to(rt.device, non_blocking=True) for x in next(batches))
                 loss = self.strategy.forward(input_ids, labels, sync=micro == self.G - 1)
-                self.strategy.backward(loss / self.G)
+                self.strategy.backward(loss * scale / self.G)
                 loss_sum += loss.detach()
             result = self.strategy.step()
             local_loss = loss_sum / self.G
