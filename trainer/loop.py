@@ -225,6 +225,8 @@ class Trainer:
             "step_time_s": round(max(times), 5),
             "slowest_rank": int(max(range(len(times)), key=times.__getitem__)),
         }
+        if self.rt.device.type == "cuda":  # this rank's peak since the start, what an OOM is about
+            event["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 1e9, 3)
         self.last_train_loss = event["loss"]
         self.metrics.log(event)
 
