@@ -23,7 +23,12 @@ def check_variable_names(variables: Mapping[str, str], key: str) -> None:
     `export NAME=...` in the sbatch script, `NAME=... torchrun` in the printed command."""
     for name in variables:
         if not VARIABLE_NAME.fullmatch(str(name)):
-            raise ConfigError(f"{key}.{name}", f"{str(name)!r} is not an environment variable name; use letters, digits and _ (not first a digit), e.g. {key}.NCCL_DEBUG=INFO")
+            raise ConfigError(key_label(key, str(name)), f"{str(name)!r} is not an environment variable name; use letters, digits and _ (not first a digit), e.g. {key}.NCCL_DEBUG=INFO")
+
+
+def key_label(key: str, name: str) -> str:
+    """`key.name` for an error message, or `key['na\\nme']` when the name would break the one line."""
+    return f"{key}.{name}" if name.isprintable() and name.strip() == name and name else f"{key}[{name!r}]"
 
 
 class EnvironmentVariableError(ConfigError):

@@ -120,7 +120,9 @@ def directives(cfg: RunConfig, plan) -> list[tuple[str, str | None]]:
 
 def check_extra_option(key: str) -> None:
     """A cluster.sbatch_extra key is an sbatch option name that ringleader does not set itself."""
-    where = f"cluster.sbatch_extra.{key}"
+    from cluster.environment import key_label
+
+    where = key_label("cluster.sbatch_extra", key)
     if not EXTRA_KEY.fullmatch(key):
         raise ConfigError(where, "is not an sbatch option name; write it without dashes, e.g. cluster.sbatch_extra.mail-type=END")
     option = SHORT_OPTIONS.get(key) or next((o for o in OWNED_OPTIONS if o.startswith(key)), None)
