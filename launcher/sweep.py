@@ -80,6 +80,12 @@ def validate_trials(args: list[str]) -> int | None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # Hydra's grammar: the single-run path words these errors
         return error(str(compose_error_for(overrides, exc)))
+    from cluster.environment import detect_environment
+
+    try:
+        detect_environment()  # garbage in SLURM's variables: one line now, not a traceback per trial
+    except ConfigError as exc:
+        return error(str(exc))
     listable = [o for o in parsed if not o.is_sweep_override() or o.is_choice_sweep() or o.is_range_sweep()]
     trials = [t for batch in BasicSweeper.split_arguments(listable, None) for t in batch] or [[]]
     placeholder = not any(o.split("=", 1)[0].lstrip("+") == "train.output_dir" for o in overrides)
