@@ -22,7 +22,7 @@ from cluster.environment import EnvironmentVariableError, SlurmEnvironment, Torc
 from cluster.slurm import job_info, shell_special
 from launcher.compose import compose
 from launcher.prepare import prepare
-from tests.conftest import ROOT, launcher_env
+from tests.conftest import ROOT, TINY, launcher_env
 
 SENTINEL = "/tmp/ringleader-holes-SENTINEL"
 
@@ -350,3 +350,18 @@ def test_awkward_values_arrive_literally_in_bash(tmp_path: Path) -> None:
 )
 def test_shell_special_reads_quotes_as_bash(line: str, special: str | None) -> None:
     assert shell_special(line) == special
+
+
+def test_a_rank_with_a_broken_slurm_variable_fails_in_one_line(tmp_path: Path) -> None:
+    """`python -m trainer RUN_DIR` as torchrun starts it inside a job whose SLURM_RESTART_COUNT is
+    garbage: one line naming the variable and exit 2, not a traceback."""
+    from launcher.rundir import write_run_dir
+
+    prepared = prepare(compose([*TINY, f"train.output_dir={tmp_path / 'run'}"]))
+    write_run_dir(Path(prepared.plan.run_dir), prepared.resolved, prepared.plan.to_dict())
+    env = {**launcher_env(), "TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "x"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", prepared.plan.run_dir], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("ringleader: error: SLURM_RESTART_COUNT: is 'x'"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
