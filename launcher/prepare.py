@@ -51,6 +51,7 @@ def prepare(composed: Composed) -> Prepared:
         data=dataclasses.replace(cfg.data, paths=[os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths]),
     )
     validate_hardware(cfg, host)
+    check_not_foreign(run_dir)
     if not cfg.dry_run:  # a dry run may plan for a cluster's paths that do not exist here
         check_writable(run_dir, "train.output_dir")
         check_writable(Path(cfg.train.logging_dir), "train.logging_dir")
@@ -60,6 +61,20 @@ def prepare(composed: Composed) -> Prepared:
 
 def absolute(path: str) -> Path:
     return Path(path).expanduser().resolve()
+
+
+# What may be in a folder before ringleader first writes it as a run directory: Hydra's record of
+# a sweep trial (its job folder), nothing else.
+BEFORE_A_RUN = {".hydra"}
+
+
+def check_not_foreign(run_dir: Path) -> None:
+    """A run directory is ringleader's (plan.json), or new, or empty: `train.output_dir=.` in a
+    project folder would overwrite its config.yaml and fill it with logs."""
+    if run_dir.is_dir() and not (run_dir / "plan.json").is_file():
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in BEFORE_A_RUN)
+        if foreign:
+            raise ConfigError("train.output_dir", f"{run_dir} holds files that are not a ringleader run (e.g. {foreign[0]}; no plan.json); choose a new or empty folder")
 
 
 def check_writable(folder: Path, key: str) -> None:

@@ -357,3 +357,14 @@ def test_a_sweep_with_a_bad_trial_starts_none_and_writes_nothing(overrides, key,
     assert_one_line(proc.returncode, proc.stderr.strip(), key)
     assert "no trial was started" in proc.stderr or key == "train.max_steps"
     assert written(sandbox) == []
+
+
+def test_a_folder_that_is_not_a_run_is_never_written_into(sandbox, capsys):
+    """`train.output_dir=.` in a project folder would overwrite its config.yaml and fill it with
+    logs and checkpoints: a folder with files and no plan.json is refused, untouched."""
+    project = sandbox / "cwd"
+    (project / "config.yaml").write_text("mine: true\n")
+    before = written(sandbox)
+    code = main(["train.output_dir=.", "train.max_steps=1"])
+    assert_one_line(code, capsys.readouterr().err.strip(), "train.output_dir")
+    assert (project / "config.yaml").read_text() == "mine: true\n" and written(sandbox) == before
