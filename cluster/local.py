@@ -23,14 +23,16 @@ def torchrun_command(cfg: RunConfig, plan, *, python: str) -> list[str]:
     ]
 
 
-def spawn(plan) -> int:
+def spawn(plan, *, keep_fds: tuple[int | None, ...] = ()) -> int:
     """Run torchrun and wait. Ctrl-C or SIGTERM is passed to torchrun once, which asks every rank to
-    stop (SIGTERM); ranks stop at a step boundary. A second Ctrl-C kills the whole job at once."""
+    stop (SIGTERM); ranks stop at a step boundary. A second Ctrl-C kills the whole job at once.
+    `keep_fds`: descriptors torchrun inherits: the run directory's lock (launcher/rundir.py), so it
+    stays held while torchrun and its elastic restarts run, even if this process is killed."""
     env = {**os.environ, **plan.env}
     import subprocess  # here, not at the top: the dry run plans with this module, and never spawns
 
     # torchrun gets its own process group so a terminal's Ctrl-C reaches it once, through us.
-    child = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    child = subprocess.Popen(plan.command, env=env, start_new_session=True, pass_fds=tuple(fd for fd in keep_fds if fd is not None))
     received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:

@@ -175,6 +175,23 @@ class TrainConfig:
     ddp_backend: str = ""  # "": nccl on GPUs, gloo on CPU
     ddp_timeout: int = 1800  # seconds a collective may wait before the job ends
     resume: str = "auto"  # auto | none | a checkpoint path
+    # resume=PATH may name a checkpoint of another run directory: it is loaded as the start (weights,
+    # optimizer, schedule, data position), and this run saves into its own train.output_dir.
+    # What an existing run directory means (as transformers' overwrite_output_dir): a fresh start
+    # (resume=none) into a directory that holds complete checkpoints is refused, unless this is true;
+    # then, before the run starts, the launcher removes the earlier run's checkpoints/step-N folders
+    # (and step-N.tmp, .deleting-* leftovers), metrics.jsonl and result.json: files only ringleader
+    # writes. logs/ keep growing, final/ is replaced at the end, every other file is left alone.
+    overwrite_output_dir: bool = False
+    # A resume whose config changes the trajectory (launcher/trajectory.py lists what counts) is
+    # refused, naming the keys, unless this is true. Then each new value applies from the restored
+    # step on: optimizer.* hyperparameters replace the restored ones; scheduler.*, max_steps and
+    # epochs rebuild the schedule from the new config at the restored step (it is not restored);
+    # a new effective batch (batch, accumulation, world size) maps the data position by samples
+    # consumed; a new seed or data.* reorders from the restored position on (the rest of the current
+    # epoch is taken from the new order, so a few samples may repeat or be skipped); model.* and
+    # strategy.* changes load only where the checkpoint's tensors fit.
+    resume_with_changed_config: bool = False
     nonfinite: str = "error"  # error | skip: what a NaN/inf loss or gradient norm does
     export_final: bool = True  # write final/model.safetensors
     torch_compile: bool = False

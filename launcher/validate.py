@@ -213,6 +213,9 @@ def validate_config(cfg: RunConfig) -> None:
     require(c.time_min >= 1, "cluster.time_min", f"must be >= 1 minute, got {c.time_min}")
     require(c.container_runtime in ("pyxis", "apptainer"), "cluster.container_runtime", f"'{c.container_runtime}' is not one of pyxis, apptainer")
     require(1 <= c.rdzv_port <= 65535, "cluster.rdzv_port", f"must be a TCP port, got {c.rdzv_port}")
+    # What an existing run directory means (launcher/rundir.py check_run_dir): each knob acts on one kind of start only.
+    require(not t.overwrite_output_dir or t.resume == "none", "train.overwrite_output_dir", f"applies to a fresh start only, but train.resume={t.resume}; set train.resume=none with it, or drop it to continue the run")
+    require(not t.resume_with_changed_config or t.resume != "none", "train.resume_with_changed_config", "applies to a resume only, but train.resume=none; drop it, or set train.resume=auto or a checkpoint path")
 
 
 def validate_hardware(cfg: RunConfig, host: Host) -> None:

@@ -5,9 +5,15 @@ rank 0 the loop's state and the config; every file is fsynced as it is closed, i
 taken from the bytes as they are written (trainer/durable.py). Each rank lists its own files in
 .manifest-<rank>.json; for a strategy that cannot tell which files it wrote (DeepSpeed), the ranks
 share out all the files to fsync and read back instead. After a barrier rank 0 merges the
-manifests into COMPLETE (every file's size and CRC32) and renames the folder to step-<N>. A crash
-at any moment leaves either no step-<N> or a complete one. Retention renames a folder to
-.deleting-* before removing it, so a half-deleted checkpoint is never taken for a good one.
+manifests into COMPLETE (every file's size and CRC32, and a save counter: retention and
+resume=auto order checkpoints by when they were saved, not by step number) and renames the folder
+to step-<N>. A crash at any moment leaves either no step-<N> or a complete one. Re-saving a step
+that exists (after a restart) renames the old folder to .replaced-step-<N> first, puts the new one
+in place, and only then removes the old one; a crash between the renames is repaired at the next
+start by putting the old one back. Rank 0 tells the other ranks whether its part of the commit
+worked, so a failure there ends every rank at once with the same error, not at a barrier's timeout.
+Retention renames a folder to .deleting-* before removing it, so a half-deleted checkpoint is never
+taken for a good one, and never removes the checkpoint just written.
 Loading checks every file against the marker first (the ranks share that work too), so a
 truncated, missing or corrupt file is named before any state is touched. Nothing here unpickles:
 JSON, safetensors, and DCP through safe_dcp. The manager calls the strategy's save_state and
@@ -38,12 +44,27 @@ from trainer.faults import fault_point
 log = logging.getLogger("ringleader")
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+REPLACED = re.compile(r"^\.replaced-(step-\d+)$")  # an older save of a step, while a new one replaces it
 MANIFEST = re.compile(r"^\.manifest-\d+\.json$")
 SAVE_SWITCH_INTERVAL_S = 5e-5  # sys.setswitchinterval while an asynchronous save runs (see save)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+class ConfigChangedError(RuntimeError):
+    """A checkpoint written with a config that changes the trajectory, without
+    train.resume_with_changed_config. Not a CheckpointError: resume=auto must not fall back past it."""
+
+
+def save_seq(folder: Path) -> int:
+    """The save counter in a checkpoint's marker; -1 for one written before the counter existed."""
+    try:
+        seq = json.loads((folder / MARKER).read_text()).get("save_seq", -1)
+    except (OSError, ValueError, AttributeError):
+        return -1
+    return seq if isinstance(seq, int) else -1
 
 
 def payload_files(folder: Path) -> list[str]:
@@ -99,9 +120,13 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, *, rank: int, world_size: int, device: torch.device, save_total_limit: int, config_hash: str, process_group=None) -> None:
+    def __init__(self, root: Path, *, rank: int, world_size: int, device: torch.device, save_total_limit: int, config_hash: str, process_group=None, config: dict[str, Any] | None = None, allow_config_change: bool = False) -> None:
         self.root, self.rank, self.world_size, self.device = root, rank, world_size, device
         self.save_total_limit, self.config_hash = save_total_limit, config_hash
+        # The run's config (as config.yaml holds it): a checkpoint written with one that changes the
+        # trajectory is refused unless allow_config_change (train.resume_with_changed_config).
+        self.config, self.allow_config_change = config, allow_config_change
+        self.last_seq: int | None = None  # rank 0: the newest save counter on disk, read once
         # A process group of its own (gloo) lets an asynchronous save run its collectives in a
         # thread while training uses the default group.
         self.group = process_group
@@ -111,17 +136,26 @@ class CheckpointManager:
     # -- finding ---------------------------------------------------------------------------------
 
     def complete(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest save first: by the marker's save counter, then by step (a
+        restart that falls back re-saves lower steps after higher ones: step number is not age)."""
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
-        return sorted(found)
+        found = [(save_seq(p), int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+        return [(step, p) for _, step, p in sorted(found)]
 
     def clean_incomplete(self) -> None:
-        """Rank 0, at start, before any save: remove what crashed saves and deletions left."""
+        """Rank 0, at start, before any save: remove what crashed saves and deletions left. A
+        .replaced-step-N whose step-N is missing is the old copy of a re-save that crashed between
+        its two renames: it goes back in place (the new copy, step-N.tmp, is removed as unfinished)."""
         if self.rank != 0 or not self.root.is_dir():
             return
         for p in self.root.iterdir():
-            if p.name.endswith(".tmp") or p.name.startswith(".deleting-") or (STEP_DIR.match(p.name) and not (p / MARKER).exists()):
+            if (m := REPLACED.match(p.name)) and not (self.root / m.group(1)).exists() and (p / MARKER).is_file():
+                os.replace(p, self.root / m.group(1))
+                fsync_dir(self.root)
+                log.warning("a re-save of %s was interrupted: the earlier %s is back in place", m.group(1), m.group(1))
+        for p in self.root.iterdir():
+            if p.name.endswith(".tmp") or p.name.startswith((".deleting-", ".replaced-")) or (STEP_DIR.match(p.name) and not (p / MARKER).exists()):
                 log.info("removing incomplete checkpoint %s", p)
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -217,36 +251,65 @@ class CheckpointManager:
         mine = {**written, **own} if written is not None else describe(tmp, names[self.rank :: self.world_size])
         (tmp / f".manifest-{self.rank}.json").write_text(json.dumps(mine))
         self._barrier()
+        error: BaseException | None = None
         if self.rank == 0:
-            files: dict[str, FileInfo] = {}
-            for r in range(self.world_size):
-                files.update(json.loads((tmp / f".manifest-{r}.json").read_text()))
-            missing = set(names) - set(files)
-            if missing:
-                raise CheckpointError(f"{tmp}: no checksum for {sorted(missing)[0]}; a rank did not describe its files")
-            changed = [name for name, info in files.items() if (tmp / name).stat().st_size != info["size"]]
-            if changed:  # written to after it was described: its checksum would not hold
-                raise CheckpointError(f"{tmp / changed[0]}: {(tmp / changed[0]).stat().st_size} bytes, described with {files[changed[0]]['size']}")
-            fault_point("save-marker", step, self.rank)
-            marker = {"step": step, "world_size": self.world_size, "files": files}
-            with open(tmp / MARKER, "w") as f:
-                f.write(json.dumps(marker))
-                f.flush()
-                os.fsync(f.fileno())
-            for r in range(self.world_size):
-                (tmp / f".manifest-{r}.json").unlink()
-            for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-                fsync_dir(folder)  # the files' names too are on disk before the marker counts
-            fault_point("save-rename", step, self.rank)
-            final = self.root / f"step-{step}"
-            if final.exists():  # a checkpoint of the same step from before a restart
-                os.replace(final, self.root / f".deleting-step-{step}")
-                shutil.rmtree(self.root / f".deleting-step-{step}", ignore_errors=True)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            log.info("checkpoint saved: %s", final)
-            self.apply_retention(keep, step)
-        self._barrier()
+            try:
+                self._finish(step, tmp, names, keep)
+            except Exception as exc:  # every rank learns of it below, and raises
+                error = exc
+        self._agree(step, error)
+
+    def _agree(self, step: int, error: BaseException | None) -> None:
+        """In place of a bare barrier: rank 0 says whether its part of the commit worked. On a
+        failure every rank raises (rank 0 its own error), rather than the others waiting at the
+        next collective until ddp_timeout."""
+        failed = error is not None
+        if dist.is_initialized():
+            flag = torch.tensor([int(failed)], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            failed = bool(flag.item())
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(f"{self.root / f'step-{step}'}: rank 0 could not commit the checkpoint (its error is in logs/rank-0.log)")
+
+    def _finish(self, step: int, tmp: Path, names: list[str], keep: set[int]) -> None:
+        """Rank 0: merge the manifests into the marker, rename the folder into place, apply retention."""
+        files: dict[str, FileInfo] = {}
+        for r in range(self.world_size):
+            files.update(json.loads((tmp / f".manifest-{r}.json").read_text()))
+        missing = set(names) - set(files)
+        if missing:
+            raise CheckpointError(f"{tmp}: no checksum for {sorted(missing)[0]}; a rank did not describe its files")
+        changed = [name for name, info in files.items() if (tmp / name).stat().st_size != info["size"]]
+        if changed:  # written to after it was described: its checksum would not hold
+            raise CheckpointError(f"{tmp / changed[0]}: {(tmp / changed[0]).stat().st_size} bytes, described with {files[changed[0]]['size']}")
+        fault_point("save-marker", step, self.rank)
+        if self.last_seq is None:
+            self.last_seq = max((save_seq(p) for _, p in self.complete()), default=-1)
+        self.last_seq += 1
+        marker = {"step": step, "world_size": self.world_size, "save_seq": self.last_seq, "files": files}
+        with open(tmp / MARKER, "w") as f:
+            f.write(json.dumps(marker))
+            f.flush()
+            os.fsync(f.fileno())
+        for r in range(self.world_size):
+            (tmp / f".manifest-{r}.json").unlink()
+        for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            fsync_dir(folder)  # the files' names too are on disk before the marker counts
+        fault_point("save-rename", step, self.rank)
+        final = self.root / f"step-{step}"
+        replaced = self.root / f".replaced-step-{step}"
+        if final.exists():  # a checkpoint of the same step from before a restart: kept until the new one is in place
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+            fault_point("save-replace", step, self.rank)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        if replaced.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+        log.info("checkpoint saved: %s", final)
+        self.apply_retention(keep, step)
 
     def _truncate_own_shards(self, tmp: Path) -> None:
         for path in list((tmp / "dcp").glob(f"__{self.rank}_*.distcp")) + [tmp / f"rng-{self.rank}.safetensors"]:
@@ -254,14 +317,16 @@ class CheckpointManager:
                 os.truncate(path, path.stat().st_size // 2)
 
     def apply_retention(self, keep: set[int], step: int | None = None) -> None:
-        """Keep the newest `save_total_limit` checkpoints, and always the newest and those in `keep`
-        (the best one, with load_best_model_at_end)."""
+        """Keep the `save_total_limit` most recently saved checkpoints, and always the one just
+        written (`step`), the most recent and those in `keep` (the best one, with
+        load_best_model_at_end). Recent by save order, not step number: after a fallback to an
+        older checkpoint, the higher steps on disk are the older saves (and may be corrupt)."""
         if not self.save_total_limit:
             return
         done = self.complete()
         newest = done[-1][0] if done else None
         for old, path in done[: max(0, len(done) - self.save_total_limit)]:
-            if old == newest or old in keep:
+            if old in (newest, step) or old in keep:
                 continue
             doomed = path.with_name(f".deleting-{path.name}")
             os.replace(path, doomed)  # from here on it no longer counts as a checkpoint
@@ -313,6 +378,7 @@ class CheckpointManager:
             state["loop"]["step"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
+        self.check_config(path, state)
         from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
         try:
@@ -324,6 +390,51 @@ class CheckpointManager:
             set_rng_state(load_file(str(rng_file)), self.device)
         elif state.get("world_size") != self.world_size:
             log.info("checkpoint %s was written by %s rank(s), now %d: the data position maps by samples consumed; random streams start afresh", path, state.get("world_size"), self.world_size)
-        if state.get("config_hash") != self.config_hash:
-            log.warning("resuming from %s, written by a different config (hash %s, now %s)", path, state.get("config_hash"), self.config_hash)
         return state
+
+    def check_config(self, path: Path, state: dict[str, Any]) -> None:
+        """The ranks' safety net behind the launcher's check (launcher/rundir.py): a checkpoint
+        written with a config that changes the trajectory is refused unless allowed. Same keys,
+        same rules (launcher/trajectory.py); before any state is touched."""
+        if state.get("config_hash") == self.config_hash:
+            return
+        saved = path / "config.yaml"
+        if self.config is None or not saved.is_file():  # nothing to compare with: say so
+            log.warning("resuming from %s, written by a different config (hash %s, now %s)", path, state.get("config_hash"), self.config_hash)
+            return
+        from omegaconf import OmegaConf
+
+        from launcher.trajectory import changed_keys, describe
+
+        old = OmegaConf.to_container(OmegaConf.load(saved))
+        diff = changed_keys(old, state.get("world_size"), self.config, self.world_size)
+        if not diff:
+            return
+        if not self.allow_config_change:
+            raise ConfigChangedError(f"{path} was written with another config: {describe(diff)}; set train.resume_with_changed_config=true to continue with the new values, or resume with the old ones")
+        log.warning("resuming from %s with a changed config (train.resume_with_changed_config): %s", path, describe(diff))
+
+
+def apply_new_config(strategy, cfg) -> None:
+    """train.resume_with_changed_config, after a checkpoint was loaded: the optimizer's
+    hyperparameters come from the new config (cfg: the RunConfig), and the schedule is rebuilt from
+    it at the restored step. The strategy built its schedule from the new config and plan
+    (scheduler.*, total and warmup steps); loading restored only its position and the old base
+    learning rate, which is replaced here. Group 0 is the weight-decay group (trainer/optim.py)."""
+    o = cfg.optimizer
+    optimizer, scheduler = strategy.optimizer, strategy.scheduler
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = o.learning_rate
+        if i == 0 and "weight_decay" in group:
+            group["weight_decay"] = o.weight_decay
+        if "betas" in group:
+            group["betas"] = (o.adam_beta1, o.adam_beta2)
+        if "eps" in group:
+            group["eps"] = o.adam_epsilon
+        if "momentum" in group:
+            group["momentum"] = o.momentum
+    scheduler.base_lrs = [o.learning_rate] * len(optimizer.param_groups)
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    log.info("train.resume_with_changed_config: learning rate %.4g at step %d of the new schedule", optimizer.param_groups[0]["lr"], scheduler.last_epoch)

@@ -4,7 +4,7 @@
 
 ACTION is `kill` (the default: the rank SIGKILLs itself, as the OOM killer or a lost node would),
 `stall` (the rank sleeps for an hour, as a deadlocked or wedged rank would) or `delay` (it sleeps
-2 s and goes on, as a slow disk would). A fault fires only in torchrun's attempt ATTEMPT
+2 s and goes on, as a slow disk would) or `error` (it raises OSError there). A fault fires only in torchrun's attempt ATTEMPT
 (TORCHELASTIC_RESTART_COUNT; 0 by default), so elastic restarts run clean, or crash elsewhere.
 Never set outside tests: unset, it costs one environment lookup at import.
 """
@@ -26,6 +26,7 @@ POINTS = {
     "save-marker": "saving step STEP: all files in, before the COMPLETE marker (rank 0)",
     "save-rename": "saving step STEP: marker written, before step-N.tmp becomes step-N (rank 0)",
     "save-retention": "saving step STEP: an old checkpoint renamed and partly deleted (rank 0)",
+    "save-replace": "re-saving step STEP over an existing step-N: the old one renamed aside, the new one not yet in place (rank 0)",
     "save-async-copy": "saving step STEP asynchronously: in the writer thread, before it copies the state",
     "save-async-write": "saving step STEP asynchronously: in the writer thread, state copied, before it writes",
     "eval": "evaluating after step STEP: before each evaluation batch (trainer/loop.py)",
@@ -39,8 +40,8 @@ def parse(spec: str, attempt: int) -> list[tuple[str, int, int, str]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         fault, _, when = item.partition("@")
         point, rank, step, *action = fault.split(":")
-        if point not in POINTS or (action and action[0] not in ("kill", "stall", "delay")) or (when and not when.isdigit()):
-            raise ValueError(f"{ENV}: bad fault '{item}'; write POINT:RANK:STEP[:kill|stall|delay][@ATTEMPT], POINT one of {', '.join(POINTS)}")
+        if point not in POINTS or (action and action[0] not in ("kill", "stall", "delay", "error")) or (when and not when.isdigit()):
+            raise ValueError(f"{ENV}: bad fault '{item}'; write POINT:RANK:STEP[:kill|stall|delay|error][@ATTEMPT], POINT one of {', '.join(POINTS)}")
         if int(when or 0) == attempt:
             faults.append((point, int(rank), int(step), action[0] if action else "kill"))
     return faults
@@ -67,4 +68,6 @@ def fault_point(point: str, step: int, rank: int, before: Callable[[], None] | N
             handler.flush()
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "error":  # as a full disk or a failed rename would: an exception, the process lives on
+            raise OSError(f"fault injection ({ENV}): error at {point}, step {step}")
         time.sleep(3600 if action == "stall" else 2)

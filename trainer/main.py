@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from cluster.slurm import stop_status
+from launcher.rundir import atomic_write
 from trainer.build import build_model
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointManager, apply_new_config
 from trainer.data import build_dataset
 from trainer.export import write_final
 from trainer.loop import LoopState, Trainer
@@ -50,7 +52,10 @@ def main(run_dir: Path) -> int:
         eval_set = build_dataset(cfg.data, "validation", vocab_size=cfg.model.vocab_size, seed=t.seed) if t.eval_strategy != "no" else None
 
         config_hash = hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest()[:16]
-        checkpoints = CheckpointManager(run_dir / "checkpoints", rank=rt.rank, world_size=rt.world_size, device=rt.device, save_total_limit=t.save_total_limit, config_hash=config_hash, process_group=rt.checkpoint_group)
+        checkpoints = CheckpointManager(
+            run_dir / "checkpoints", rank=rt.rank, world_size=rt.world_size, device=rt.device, save_total_limit=t.save_total_limit, config_hash=config_hash,
+            process_group=rt.checkpoint_group, config=OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")), allow_config_change=t.resume_with_changed_config,
+        )
         checkpoints.clean_incomplete()
         if dist.is_initialized():
             dist.barrier()
@@ -59,6 +64,8 @@ def main(run_dir: Path) -> int:
         if restored := checkpoints.restore(t.resume, strategy):
             resume_from, saved = restored
             state = LoopState(**saved["loop"])
+            if t.resume_with_changed_config:  # the new values apply from the restored step on
+                apply_new_config(strategy, cfg)
             log.info("resumed from %s at step %d (epoch %d, %d samples into it)", resume_from, state.step, state.epoch, state.consumed)
         metrics = MetricsLogger(run_dir, enabled=rt.is_main, total_steps=plan["total_steps"], tensorboard_dir=t.logging_dir, report_to=t.report_to, start_step=state.step)
         if resume_from:
@@ -99,9 +106,7 @@ def write_result(run_dir: Path, result: dict, signal_name: str) -> None:
     """result.json, written last: sweeps and the launcher read it."""
     result = {**result, "signal": signal_name or None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result["metrics"] = {k: v for k, v in result.get("metrics", {}).items() if v is not None}
-    tmp = run_dir / ".result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(run_dir / "result.json")
+    atomic_write(run_dir / "result.json", json.dumps(result, indent=2) + "\n")  # fsynced: sweeps and SLURM requeues read it
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Which config keys change a run's trajectory, and which of them differ between two configs.
+
+A resume continues a run: the launcher (before anything is written) and every rank (when it loads
+a checkpoint) compare the new config with the one the checkpoint was written with, and refuse the
+keys listed by `changed_keys` unless train.resume_with_changed_config is on. No torch import: the
+launcher uses it.
+
+Keys that do NOT change the trajectory (the weights a run computes, step after step) are ignored:
+where the run lives and logs (train.output_dir, train.logging_dir, train.report_to, logging_*),
+how it resumes (train.resume, train.overwrite_output_dir, train.resume_with_changed_config), when
+and how it saves (save_*, export_final), evaluation (eval_*, per_device_eval_batch_size: they
+measure, they do not train), the collectives' backend and timeout, data loader workers, the warm
+start (a checkpoint wins over model.init_from), and placement (hw.*, cluster.*: partition, time,
+nodes...). The batch layout (per-device batch, accumulation, world size) counts as one value, the
+effective batch: samples per optimizer step. The same effective batch spread differently gives the
+same steps (the loss is token-exact across ranks); the data position maps by samples consumed.
+Every other key, including any key added to the schema later, counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORED_PREFIXES = ("hw.", "cluster.")
+IGNORED = frozenset({
+    "dry_run",
+    "train.output_dir", "train.logging_dir", "train.report_to", "train.logging_steps", "train.logging_first_step",
+    "train.resume", "train.overwrite_output_dir", "train.resume_with_changed_config",
+    "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.save_async", "train.export_final",
+    "train.eval_strategy", "train.eval_steps", "train.eval_max_batches", "train.eval_on_start", "train.per_device_eval_batch_size",
+    "train.ddp_backend", "train.ddp_timeout",
+    "data.num_workers",
+    "model.init_from",
+    # compared as one value, EFFECTIVE_BATCH
+    "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+})
+EFFECTIVE_BATCH = "effective batch (train.per_device_train_batch_size x world size x train.gradient_accumulation_steps)"
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def counts(key: str) -> bool:
+    return key not in IGNORED and not key.startswith(IGNORED_PREFIXES)
+
+
+def effective_batch(config: dict[str, Any], world_size: int | None) -> int | None:
+    train = config.get("train") or {}
+    try:
+        return int(train["per_device_train_batch_size"]) * int(world_size) * int(train["gradient_accumulation_steps"])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def changed_keys(old: dict[str, Any], old_world_size: int | None, new: dict[str, Any], new_world_size: int | None) -> dict[str, tuple[Any, Any]]:
+    """The keys that change the trajectory and differ, {key: (old value, new value)}, sorted. A key
+    missing on one side shows as None there."""
+    a, b = flatten(old), flatten(new)
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if counts(k) and a.get(k) != b.get(k)}
+    batches = effective_batch(old, old_world_size), effective_batch(new, new_world_size)
+    if None not in batches and batches[0] != batches[1]:
+        diff[EFFECTIVE_BATCH] = batches
+    return diff
+
+
+def describe(diff: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+    """One line: `optimizer.learning_rate 0.001 -> 0.002, seed 42 -> 1`."""
+    shown = [f"{k} {v[0]!r} -> {v[1]!r}" for k, v in list(diff.items())[:limit]]
+    more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
+    return ", ".join(shown) + more
