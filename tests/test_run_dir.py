@@ -1,0 +1,150 @@
+"""What an existing run directory means: one job at a time (a lock naming its holder), unique
+default names, no fresh start over an earlier run's checkpoints unless overwrite_output_dir, no
+resume with a config that changes the trajectory unless resume_with_changed_config, and then the
+new values really apply.
+
+Refusals go through the real `python -m launcher` and must leave the directory exactly as it was;
+the runs are real 2-rank torchrun jobs on gloo (tests/conftest.py TINY).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.rundir import DEFAULT_NAME, is_default_name, make_unique
+from launcher.trajectory import EFFECTIVE_BATCH, changed_keys
+from tests.checkpoint_tools import checkpoint_steps, job
+from tests.conftest import ROOT, Run, launcher_env, run_launcher
+
+# 4 steps, a checkpoint at step 4, a constant learning rate: what the resumes below continue.
+FIRST = {"train.max_steps": 4, "scheduler": "constant", "optimizer.learning_rate": 0.001, "model.dropout": 0.0}
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and mtime: a refused launch must change none."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused(run: Run, *names: str) -> str:
+    assert run.code == 2, run.output[-2000:]
+    lines = run.proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ringleader: error: "), run.proc.stderr
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("first") / "run"
+    run_launcher(run_dir, *job(**FIRST))
+    assert checkpoint_steps(run_dir) == [4]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+# -- pure ----------------------------------------------------------------------------------------
+
+
+def test_changed_keys_name_what_changes_the_trajectory_only():
+    old = {"optimizer": {"learning_rate": 0.001}, "train": {"seed": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+           "save_steps": 4, "logging_steps": 1, "output_dir": "/a", "resume": "auto", "per_device_eval_batch_size": 8}, "cluster": {"partition": "a", "nproc_per_node": 2}}
+    same_batch = {**old, "train": {**old["train"], "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "save_steps": 2,
+                  "logging_steps": 5, "output_dir": "/b", "resume": "none", "per_device_eval_batch_size": 2}, "cluster": {"partition": "b", "nproc_per_node": 1}}
+    assert changed_keys(old, 2, same_batch, 2) == {}  # 4 x 2 x 2 = 8 x 2 x 1
+    new = {**old, "optimizer": {"learning_rate": 0.002}, "train": {**old["train"], "seed": 2}}
+    assert changed_keys(old, 2, new, 4) == {"optimizer.learning_rate": (0.001, 0.002), "train.seed": (1, 2), EFFECTIVE_BATCH: (16, 32)}
+
+
+def test_default_names_are_unique_and_created_exclusively(tmp_path):
+    from launcher.compose import compose
+
+    names = {Path(compose([]).config.train.output_dir).name for _ in range(3)}
+    assert len(names) == 3 and all(DEFAULT_NAME.match(n) for n in names), names  # to the microsecond
+    base = tmp_path / "runs" / "2026-12-03_06-41-45-123456"
+    assert is_default_name(base, ()) and not is_default_name(base, ("train.output_dir=x",))
+    assert make_unique(base) == base and make_unique(base) == base.with_name(base.name + "-1")
+    assert make_unique(base) == base.with_name(base.name + "-2")
+
+
+# -- refusals, through the real command ---------------------------------------------------------
+
+
+def test_a_fresh_start_over_checkpoints_is_refused_and_writes_nothing(first):
+    before = tree(first)
+    run = run_launcher(first, *job(**FIRST, **{"train.resume": "none"}), check=False)
+    assert_refused(run, "train.resume", "step-4", "train.overwrite_output_dir=true")
+    assert tree(first) == before
+
+
+def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(first):
+    before = tree(first)
+    changed = {**FIRST, "optimizer.learning_rate": 0.002, "train.seed": 7, "train.logging_steps": 3, "train.save_total_limit": 1}
+    line = assert_refused(run_launcher(first, *job(**changed), check=False), "train.resume", "optimizer.learning_rate 0.001 -> 0.002", "train.seed 42 -> 7", "train.resume_with_changed_config=true")
+    assert "logging_steps" not in line and "save_total_limit" not in line  # they do not change the trajectory
+    assert tree(first) == before
+
+
+def test_overwrite_output_dir_starts_over_keeping_the_users_files(first, tmp_path):
+    run_dir = copy_of(first, tmp_path)
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "checkpoints" / "mine").mkdir()
+    run = run_launcher(run_dir, *job(**{**FIRST, "train.max_steps": 2, "train.save_steps": 2}), "train.resume=none", "train.overwrite_output_dir=true")
+    assert "train.overwrite_output_dir: removed" in run.output
+    assert checkpoint_steps(run_dir) == [2], "the earlier run's step-4 is gone: resume=auto cannot continue the other run"
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "checkpoints" / "mine").is_dir()
+    assert [e["step"] for e in run.metrics() if "loss" in e] == [1, 2]  # one run's metrics only
+    assert_refused(run_launcher(run_dir, *job(**FIRST), "train.overwrite_output_dir=true", check=False), "train.overwrite_output_dir", "train.resume=none")
+
+
+def test_resume_with_changed_config_applies_the_new_learning_rate(first, tmp_path):
+    """Opt-in: the schedule is rebuilt from the new config at the restored step, so the steps after
+    the resume log the new learning rate (the restored scheduler would keep 0.001)."""
+    run_dir = copy_of(first, tmp_path)
+    run = run_launcher(run_dir, *job(**{**FIRST, "optimizer.learning_rate": 0.002, "train.max_steps": 6}), "train.resume_with_changed_config=true")
+    rates = {e["step"]: e["learning_rate"] for e in run.metrics() if "learning_rate" in e}
+    assert [rates[s] for s in (1, 2, 3, 4)] == [0.001] * 4
+    assert [rates[s] for s in (5, 6)] == [0.002] * 2, rates
+    assert "with a changed config" in (run_dir / "logs" / "rank-0.log").read_text()
+
+
+# -- one job at a time ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_launch_into_a_running_run_directory_is_refused_naming_the_holder(tmp_path):
+    """A real run, slowed by 2 s at each of its first steps (RINGLEADER_FAULT delay), holds the
+    lock; a second launch into the same directory is refused naming its pid; the first completes."""
+    run_dir = tmp_path / "run"
+    slow = launcher_env(RINGLEADER_FAULT=",".join(f"step:0:{s}:delay" for s in (1, 2, 3)))
+    args = [sys.executable, "-m", "launcher", *job(**{"train.max_steps": 4}), f"train.output_dir={run_dir}"]
+    holder = subprocess.Popen(args, cwd=ROOT, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "logs" / "rank-0.log").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run_dir / ".lock").read_text().startswith(f"pid {holder.pid} on ")
+        config = (run_dir / "config.yaml").read_bytes()
+        second = run_launcher(run_dir, *job(**{"train.max_steps": 4}), check=False)
+        assert_refused(second, "train.output_dir", f"in use by pid {holder.pid} on ")
+        assert (run_dir / "config.yaml").read_bytes() == config
+        assert holder.poll() is None, "the refusal must not have waited for the first run"
+        out, err = holder.communicate(timeout=240)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert holder.returncode == 0, err[-2000:]
+    assert '"status": "completed"' in (run_dir / "result.json").read_text()
+    # Once it has ended, the directory is free again: a rerun resumes (and finds nothing to do).
+    assert run_launcher(run_dir, *job(**{"train.max_steps": 4})).code == 0
