@@ -219,3 +219,92 @@ def test_resume_on_another_world_size_continues_the_same_losses(tmp_path):
     for resumed, uninterrupted, step in ((one, two, 5), (back, one, 9)):
         got, want = train_losses(resumed.run_dir)[step], train_losses(uninterrupted.run_dir)[step]
         assert abs(got - want) <= 1e-6 * abs(want), f"step {step}: {got} vs {want}"
+
+
+# -- retention by save order, re-saves, commit errors, a changed config ----------------------------
+
+
+def test_retention_never_deletes_the_checkpoint_just_written(tmp_path):
+    """Step 200 and 300 are from an earlier trajectory; saving step 100 (a restart that fell back)
+    must keep step-100: it is the newest save, whatever its number."""
+    root = tmp_path / "checkpoints"
+    save_steps(root, [200, 300])
+    save_steps(root, [100], limit=2)
+    assert checkpoint_steps(tmp_path) == [100, 300]
+    save_steps(root, [150], limit=1)
+    assert checkpoint_steps(tmp_path) == [150]
+    assert manager(root).restore("auto", tiny_strategy())[0] == root / "step-150"
+
+
+def test_a_fallback_past_a_corrupt_checkpoint_keeps_a_loadable_one(tmp_path):
+    """save_total_limit=1: step-4 is corrupt, resume=auto falls back to step-1; the next save
+    (step 3) is kept and the corrupt step-4 goes: a loadable checkpoint remains."""
+    root = tmp_path / "checkpoints"
+    save_steps(root, [1, 4])
+    flip_byte(root / "step-4" / "dcp" / "__0_0.distcp")
+    checkpoints, strategy = manager(root, limit=1), tiny_strategy()
+    assert checkpoints.restore("auto", strategy)[0] == root / "step-1"
+    checkpoints.save(3, strategy, dataclasses.asdict(LoopState(step=3)))
+    assert checkpoint_steps(tmp_path) == [3]
+    assert manager(root).restore("auto", tiny_strategy())[0] == root / "step-3"
+
+
+RESAVE = """
+import sys
+from pathlib import Path
+from tests.test_checkpoint import save_steps
+save_steps(Path(sys.argv[1]), [1, 1])
+"""
+
+
+def test_a_crash_while_re_saving_a_step_leaves_that_step_loadable(tmp_path):
+    """A restart re-saves step-1: the process is killed (SIGKILL, a real crash) after the old
+    step-1 was renamed aside and before the new one is in place. The next start puts the old one
+    back; step-1 loads."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    root = tmp_path / "checkpoints"
+    proc = subprocess.run([sys.executable, "-c", RESAVE, str(root)], cwd=ROOT, env=launcher_env(RINGLEADER_FAULT="save-replace:0:1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (root / "step-1").exists() and (root / ".replaced-step-1" / "COMPLETE").exists() and (root / "step-1.tmp").exists()
+    checkpoints = manager(root)
+    checkpoints.clean_incomplete()
+    assert sorted(p.name for p in root.iterdir()) == ["step-1"]
+    path, state = checkpoints.restore("auto", tiny_strategy())
+    assert path == root / "step-1" and state["loop"]["step"] == 1
+
+
+def test_a_checkpoint_of_another_config_is_refused_by_the_ranks_unless_allowed(tmp_path):
+    """The ranks' safety net behind the launcher's check: a changed learning rate raises (not a
+    warning), naming the key; with train.resume_with_changed_config it loads."""
+    from omegaconf import OmegaConf
+
+    from launcher.schema import RunConfig
+    from trainer.checkpoint import ConfigChangedError
+
+    cfg = RunConfig()
+    cfg.train.output_dir = str(tmp_path)
+    cfg.optimizer.learning_rate = 0.001
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    save_steps(tmp_path / "checkpoints", [1])  # its config.yaml: the one above
+    cfg.optimizer.learning_rate = 0.002
+    new = OmegaConf.to_container(OmegaConf.structured(cfg))
+    step1 = tmp_path / "checkpoints" / "step-1"
+    strict = CheckpointManager(tmp_path / "checkpoints", rank=0, world_size=1, device=torch.device("cpu"), save_total_limit=0, config_hash="other", config=new)
+    with pytest.raises(ConfigChangedError, match=re.escape(f"{step1} was written with another config: optimizer.learning_rate 0.001 -> 0.002")):
+        strict.restore("auto", tiny_strategy())
+    allowed = CheckpointManager(tmp_path / "checkpoints", rank=0, world_size=1, device=torch.device("cpu"), save_total_limit=0, config_hash="other", config=new, allow_config_change=True)
+    assert allowed.restore("auto", tiny_strategy())[0] == step1
+
+
+def test_a_commit_error_on_rank_0_ends_every_rank_with_it(tmp_path):
+    """Rank 0's part of step 4's commit fails (an OSError, as a full disk would give). Rank 1 must
+    learn it from rank 0 at once and fail the same save, not wait at a barrier for ddp_timeout."""
+    run = run_launcher(tmp_path / "run", *job(**{"train.max_steps": 4}), env=launcher_env(RINGLEADER_FAULT="save-marker:0:4:error"), check=False, timeout=240)
+    assert run.code != 0
+    assert "OSError: fault injection" in log_of(run.run_dir, 0)
+    assert "rank 0 could not commit the checkpoint" in log_of(run.run_dir, 1)
+    assert checkpoint_steps(run.run_dir) == []
