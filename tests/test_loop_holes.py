@@ -57,7 +57,7 @@ def test_resume_on_more_ranks_past_the_epoch_end_goes_on_to_the_next_epoch(tmp_p
     assert first.code != 0 and checkpoint_steps(run_dir)[-1] == 36
     saved = json.loads((run_dir / "checkpoints" / "step-36" / "trainer_state.json").read_text())["loop"]
     assert (saved["epoch"], saved["consumed"]) == (0, 144)
-    resumed = run_launcher(run_dir, *GROWS, "cluster.nproc_per_node=2", timeout=240)
+    resumed = run_launcher(run_dir, *GROWS, "cluster.nproc_per_node=2", "train.resume_with_changed_config=true", timeout=240)  # a larger effective batch: opted in
     assert resumed.result()["status"] == "completed" and resumed.result()["global_step"] == 45
     assert "epoch 0 has no whole optimizer step of 8 samples left after position 144 of 144: continuing with epoch 1" in log_of(run_dir)
 

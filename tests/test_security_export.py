@@ -197,7 +197,7 @@ def test_resume_of_crafted_checkpoints_runs_nothing(trained, tmp_path):
         step: plant(run_dir / "checkpoints" / f"step-{step}", "dcp/.metadata", payloads(sentinel)[shape])
         for step, shape in ((4, "dotted name in an allowed module (STACK_GLOBAL)"), (2, "command nested in an allowed class"))
     }
-    run = run_launcher(run_dir, *JOB, "train.max_steps=6", "train.resume=auto", check=False)
+    run = run_launcher(run_dir, *JOB, "train.max_steps=6", "train.resume=auto", "train.resume_with_changed_config=true", check=False)  # a longer run: a changed config
     assert not sentinel.exists(), "the crafted metadata ran its command"
     assert run.code != 0
     log = log_of(run_dir)
