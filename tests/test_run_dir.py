@@ -9,6 +9,7 @@ the runs are real 2-rank torchrun jobs on gloo (tests/conftest.py TINY).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.rundir import DEFAULT_NAME, is_default_name, make_unique
+from launcher.rundir import DEFAULT_NAME, is_default_name, make_unique, running_job
 from launcher.trajectory import EFFECTIVE_BATCH, changed_keys
 from tests.checkpoint_tools import checkpoint_steps, job
 from tests.conftest import ROOT, Run, launcher_env, run_launcher
@@ -148,3 +149,40 @@ def test_a_second_launch_into_a_running_run_directory_is_refused_naming_the_hold
     assert '"status": "completed"' in (run_dir / "result.json").read_text()
     # Once it has ended, the directory is free again: a rerun resumes (and finds nothing to do).
     assert run_launcher(run_dir, *job(**{"train.max_steps": 4})).code == 0
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_rerun_while_its_slurm_job_runs_is_refused_naming_the_job(tmp_path):
+    """A real job on the loopback SLURM cluster: the batch script holds the lock (flock) while it
+    runs; the same command again is refused naming the job (slurm.json), a local launch into the
+    directory names the lock's holder, the job itself goes on."""
+    from tests.slurm_cluster import LocalSlurmCluster, missing_packages
+
+    if missing_packages():
+        pytest.skip(f"SLURM is not installed ({', '.join(missing_packages())}): bash tests/run.sh as root")
+    cluster = LocalSlurmCluster().start()
+    try:
+        env = launcher_env(SLURM_CONF=str(cluster.conf))
+        run_dir = tmp_path / "run"
+        args = [*job(**{"train.max_steps": 5000, "train.save_strategy": "no"}), "+hw=cpu", "cluster=slurm", "cluster.nodes=1", "cluster.nproc_per_node=1", "cluster.rdzv_port=29614"]
+        run_launcher(run_dir, *args, env=env)
+        job_id = (run_dir / "slurm.json").read_text().split('"job_id": "')[1].split('"')[0]
+        deadline = time.monotonic() + 120
+        while "SLURM job" not in ((run_dir / ".lock").read_text() if (run_dir / ".lock").exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run_dir / ".lock").read_text().startswith(f"SLURM job {job_id} on ")
+        before = tree(run_dir / "logs"), (run_dir / "config.yaml").read_bytes()
+        assert_refused(run_launcher(run_dir, *args, env=env, check=False), "train.output_dir", f"in use by SLURM job {job_id}")
+        local = run_launcher(run_dir, *job(**{"train.max_steps": 5000, "train.save_strategy": "no"}), "cluster.nproc_per_node=1", env=env, check=False)
+        assert_refused(local, "train.output_dir", f"in use by SLURM job {job_id}")
+        assert (run_dir / "config.yaml").read_bytes() == before[1]
+        assert cluster.job(job_id).get("JobState") == "RUNNING"
+        os.environ["SLURM_CONF"] = str(cluster.conf)  # slurm.json's job, as the controller sees it (a queued job holds no lock yet)
+        try:
+            assert running_job(run_dir) == f"SLURM job {job_id} (RUNNING)"
+        finally:
+            del os.environ["SLURM_CONF"]
+        cluster.run("scancel", job_id)
+    finally:
+        cluster.stop()
