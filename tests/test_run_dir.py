@@ -186,3 +186,34 @@ def test_a_rerun_while_its_slurm_job_runs_is_refused_naming_the_job(tmp_path):
         cluster.run("scancel", job_id)
     finally:
         cluster.stop()
+
+
+# -- durability ----------------------------------------------------------------------------------
+
+FSYNCED = """
+import sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from launcher.rundir import write_run_dir
+from trainer.main import write_result
+run_dir = Path(sys.argv[1])
+write_run_dir(run_dir, OmegaConf.create({"a": 1}), {"world_size": 2})
+write_result(run_dir, {"status": "completed"}, "")
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to see the system calls")
+def test_config_plan_and_result_are_fsynced_with_their_folder(tmp_path):
+    """Seen in the real system calls (strace): each file is fsynced before its rename, and the
+    run directory after it, so a power loss leaves the old file or the new one."""
+    run_dir = tmp_path / "run"
+    trace = tmp_path / "trace"
+    proc = subprocess.run(["strace", "-f", "-y", "-e", "trace=fsync,rename,renameat,renameat2", "-o", str(trace), sys.executable, "-c", FSYNCED, str(run_dir)],
+                          cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = [line for line in trace.read_text().splitlines() if "fsync(" in line or "rename" in line]
+    for name in ("config.yaml", "plan.json", "result.json"):
+        synced = next(i for i, line in enumerate(calls) if "fsync(" in line and f".{name}.tmp>" in line)
+        renamed = next(i for i, line in enumerate(calls) if "rename" in line and f".{name}.tmp" in line)
+        folder = next(i for i, line in enumerate(calls) if i > renamed and "fsync(" in line and f"<{run_dir}>" in line)
+        assert synced < renamed < folder, calls
