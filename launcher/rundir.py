@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -190,6 +189,8 @@ def make_unique(run_dir: Path) -> Path:
 
 
 def holder_text() -> str:
+    import socket  # here: a dry run never takes a lock
+
     job = os.environ.get("SLURM_JOB_ID")
     where = f"SLURM job {job}, " if job else ""
     return f"{where}pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}"
