@@ -102,3 +102,13 @@ def test_sigterm_during_a_long_evaluation_still_writes_the_stop_checkpoint(tmp_p
     assert "evaluation at step 4 interrupted by a stop request" in log_of(run_dir)
     assert checkpoint_steps(run_dir) == [4]
     assert "stalled" not in log_of(run_dir) + log_of(run_dir, 1)
+
+
+def test_an_elastic_restart_of_a_fresh_start_continues_its_own_progress(tmp_path):
+    """train.resume=none asks for a fresh start, once: when rank 1 dies at step 10 and torchrun
+    restarts the workers, they resume from this run's step-8, not from scratch."""
+    run_dir = tmp_path / "run"
+    run = run_launcher(run_dir, *TINY, "train.max_steps=12", "train.save_strategy=steps", "train.save_steps=4", "train.resume=none", "cluster.max_restarts=1",
+                       env=launcher_env(RINGLEADER_FAULT="step:1:10"))
+    assert run.result()["status"] == "completed" and run.result()["global_step"] == 12
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-8'} at step 8" in log_of(run_dir)

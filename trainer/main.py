@@ -61,7 +61,12 @@ def main(run_dir: Path) -> int:
             dist.barrier()
         state = LoopState()
         resume_from = None
-        if restored := checkpoints.restore(t.resume, strategy):
+        resume = t.resume
+        if (rt.env.restart_count or rt.env.requeue_count) and checkpoints.complete():
+            # A restart of this same job (torchrun's elastic restart, SLURM's requeue) continues its
+            # own progress, whatever resume said for the first start (none, or another run's path).
+            resume = "auto"
+        if restored := checkpoints.restore(resume, strategy):
             resume_from, saved = restored
             state = LoopState(**saved["loop"])
             if t.resume_with_changed_config:  # the new values apply from the restored step on
