@@ -153,7 +153,7 @@ def test_submitit_slurm_launcher_on_one_node_runs_torchrun_there(cluster: LocalS
     assert cluster.job(row["job_id"])["NumNodes"] == "1"
 
     out, _ = refused.communicate(timeout=120)
-    assert refused.returncode == 0, out[-3000:]
+    assert refused.returncode == 1 and "every trial of the sweep failed" in out, out[-3000:]  # its only trial was refused
     (row,) = json.loads((refused_dir / "summary.json").read_text())
     assert row["status"] == "failed" and "set hydra.launcher.tasks_per_node=1" in row["error"], row
     assert not (refused_dir / "0" / "config.yaml").exists()  # refused before any run directory
