@@ -208,7 +208,7 @@ def test_config_plan_and_result_are_fsynced_with_their_folder(tmp_path):
     run directory after it, so a power loss leaves the old file or the new one."""
     run_dir = tmp_path / "run"
     trace = tmp_path / "trace"
-    proc = subprocess.run(["strace", "-f", "-y", "-e", "trace=fsync,rename,renameat,renameat2", "-o", str(trace), sys.executable, "-c", FSYNCED, str(run_dir)],
+    proc = subprocess.run(["strace", "-f", "--seccomp-bpf", "-y", "-e", "trace=fsync,rename,renameat,renameat2", "-o", str(trace), sys.executable, "-c", FSYNCED, str(run_dir)],
                           cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     calls = [line for line in trace.read_text().splitlines() if "fsync(" in line or "rename" in line]

@@ -93,13 +93,13 @@ def test_the_sweep_summary_ranks_by_metric_for_best_model(tmp_path):
 def test_optuna_sweep_over_the_learning_rate(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = sweep(
-        tmp_path / "sweep", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=minimize",
+        tmp_path / "sweep", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=minimize",
         "optimizer.learning_rate=tag(log,interval(1e-4,3e-2))", "cluster.nproc_per_node=1", *TINY, *EVAL,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())
-    assert len(rows) == 6 and {r["status"] for r in rows} == {"completed"}
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
     optuna = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     best = next(r for r in rows if r["best"])
     assert f"best_value: {best['eval_loss']}" in optuna
-    assert len({r["overrides"].split()[0] for r in rows}) == 6  # six different learning rates
+    assert len({r["overrides"].split()[0] for r in rows}) == 3  # three different learning rates
