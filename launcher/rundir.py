@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError
+from trainer.durable import fsync_dir
 
 LOCK_FILE = ".lock"
 STEP_DIR = re.compile(r"^step-\d+$")
@@ -50,14 +51,6 @@ def atomic_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- may this launch use the run directory? (reads only) ------------------------------------------

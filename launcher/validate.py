@@ -11,6 +11,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from cluster.environment import Host
@@ -36,35 +37,30 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-def check_strings(node: object, prefix: str = "") -> None:
-    """No value may hold a newline or NUL: they end up in scripts, sbatch directives and logs."""
+def leaves(node: object, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """Every value of the config with its dotted key, dataclasses, dicts and lists walked through."""
     if dataclasses.is_dataclass(node):
         for f in dataclasses.fields(node):
-            check_strings(getattr(node, f.name), f"{prefix}{f.name}.")
+            yield from leaves(getattr(node, f.name), f"{prefix}{f.name}.")
     elif isinstance(node, dict):
         for k, v in node.items():
-            check_strings(v, f"{prefix}{k}.")
+            yield from leaves(v, f"{prefix}{k}.")
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            check_strings(v, f"{prefix}{i}.")
-    elif isinstance(node, str) and ("\n" in node or "\r" in node or "\0" in node):
-        raise ConfigError(prefix.rstrip("."), "contains a newline or NUL character; remove it (values go into scripts)")
+            yield from leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), node
 
 
-def check_numbers(node: object, prefix: str = "") -> None:
-    """No float may be inf or NaN: `optimizer.learning_rate=inf` or `train.num_train_epochs=nan`
-    would pass every range check below and fail on the ranks, or never."""
-    if dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            check_numbers(getattr(node, f.name), f"{prefix}{f.name}.")
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            check_numbers(v, f"{prefix}{k}.")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            check_numbers(v, f"{prefix}{i}.")
-    elif isinstance(node, float) and not math.isfinite(node):
-        raise ConfigError(prefix.rstrip("."), f"must be a finite number, got {node}")
+def check_values(cfg: RunConfig) -> None:
+    """No string may hold a newline or NUL (they end up in scripts, sbatch directives and logs), and
+    no float may be inf or NaN (`optimizer.learning_rate=inf` would pass every range check below
+    and fail on the ranks, or never)."""
+    for key, value in leaves(cfg):
+        if isinstance(value, str) and ("\n" in value or "\r" in value or "\0" in value):
+            raise ConfigError(key, "contains a newline or NUL character; remove it (values go into scripts)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value}")
 
 
 def is_checkpoint_folder(path: Path) -> bool:
@@ -92,8 +88,7 @@ def safetensors_error(path: Path) -> str | None:
 
 
 def validate_config(cfg: RunConfig) -> None:
-    check_strings(cfg)
-    check_numbers(cfg)
+    check_values(cfg)
     t, o, s, m, d, c, hw = cfg.train, cfg.optimizer, cfg.scheduler, cfg.model, cfg.data, cfg.cluster, cfg.hw
 
     require(bool(t.output_dir.strip()), "train.output_dir", "is empty; give a folder for the run, e.g. train.output_dir=runs/my-run")
