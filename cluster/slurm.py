@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from launcher.errors import ConfigError
+from launcher.rundir import atomic_write
 from launcher.schema import RunConfig
 
 SCRIPT_NAME = "job.sbatch"
@@ -378,7 +379,7 @@ def render_job(cfg: RunConfig, plan, *, python: str) -> tuple[list[str], str]:
 def submit(cfg: RunConfig, plan) -> int:
     """Write the script into the run directory, sbatch it, record the job id; follow it if cluster.wait."""
     run_dir = Path(plan.run_dir)
-    (run_dir / SCRIPT_NAME).write_text(plan.script)
+    atomic_write(run_dir / SCRIPT_NAME, plan.script)
     # The plan prints `ENV=... sbatch ...`: submit exactly that (sbatch passes the environment on).
     import subprocess  # here, not at the top: it costs a dry run ~15 ms
     proc = subprocess.run(plan.command, capture_output=True, text=True, env={**os.environ, **plan.env})
@@ -405,9 +406,7 @@ def record_job(run_dir: Path, job_id: str) -> None:
     except (OSError, ValueError):
         history = []
     jobs = [*history, {"job_id": job_id, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")}]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"job_id": job_id, "jobs": jobs}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"job_id": job_id, "jobs": jobs}, indent=2) + "\n")  # fsynced: status/cancel and reruns rely on it
 
 
 def read_job(run_dir: Path) -> str | None:

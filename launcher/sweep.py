@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, read_write
 
-from launcher.rundir import read_json
+from launcher.rundir import atomic_write, read_json
 
 TRIAL_FILE = "trial.json"
 
@@ -173,7 +173,7 @@ def trial(cfg: DictConfig) -> float:
         return math.nan  # task 0 of the allocation speaks for the trial
     record["objective"] = None if math.isnan(objective) else objective
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / TRIAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(job_dir / TRIAL_FILE, json.dumps(record, indent=2) + "\n")
     if record["error"]:
         print(f"ringleader: trial {hc.job.num} ({' '.join(overrides)}) failed: {record['error']}", file=sys.stderr)
     return objective
@@ -326,7 +326,7 @@ def render_summary(rows: list[dict[str, Any]]) -> str:
 def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
     import csv
 
-    (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    atomic_write(sweep_dir / "summary.json", json.dumps(rows, indent=2) + "\n")
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
         writer.writeheader()
