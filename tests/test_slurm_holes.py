@@ -9,6 +9,8 @@ the test, as a user's own config folder would be.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import stat
@@ -32,13 +34,30 @@ def files_under(folder: Path) -> set[Path]:
 
 
 def launch(tmp_path: Path, *overrides: str, env: dict | None = None, output_dir: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m launcher OVERRIDES` from tmp_path/work, caches in tmp_path/cache; returns the process."""
+    """`python -m launcher OVERRIDES` from tmp_path/work with that environment, caches in
+    tmp_path/cache. In this process (the launcher's main(), its environment and current folder
+    swapped in and restored): ~0.1 s a case instead of ~0.6 s for a new interpreter. Every case is
+    a dry run or refused before anything starts; test_config.py's matrix runs the same way."""
+    from launcher.__main__ import main
+
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     out = output_dir if output_dir is not None else f"train.output_dir={work / 'run'}"
     environ = env or launcher_env()
     environ.setdefault("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return subprocess.run([sys.executable, "-m", "launcher", *overrides, out], capture_output=True, text=True, env=environ, cwd=work, timeout=120)
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(work)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main([*overrides, out])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(["python", "-m", "launcher", *overrides, out], code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_refused(tmp_path: Path, proc: subprocess.CompletedProcess, key: str, before: set[Path] | None = None) -> None:
@@ -365,3 +384,11 @@ def test_a_rank_with_a_broken_slurm_variable_fails_in_one_line(tmp_path: Path) -
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("ringleader: error: SLURM_RESTART_COUNT: is 'x'"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_garbage_in_slurm_variables_through_the_real_command(tmp_path: Path) -> None:
+    """The cases above call the launcher's main() in this process; this one is `python -m launcher`."""
+    env = launcher_env(SLURM_JOB_ID="77", SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_NNODES="abc", SLURM_STEP_NUM_TASKS="2", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "launcher", "+hw=cpu", "dry_run=true"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("ringleader: error: SLURM_NNODES: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(tmp_path.iterdir()) == []
