@@ -184,6 +184,12 @@ def test_a_rerun_while_its_slurm_job_runs_is_refused_naming_the_job(tmp_path):
         finally:
             del os.environ["SLURM_CONF"]
         cluster.run("scancel", job_id)
+        # Wait for the job to end before the cluster stops: slurmd gone, its ranks would go on
+        # training (5000 steps) under an orphaned slurmstepd, stealing the cores from later tests.
+        deadline = time.monotonic() + 90
+        while cluster.job(job_id).get("JobState", "") not in ("", "CANCELLED", "COMPLETED", "FAILED") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cluster.job(job_id).get("JobState", "") in ("", "CANCELLED", "COMPLETED", "FAILED")
     finally:
         cluster.stop()
 
