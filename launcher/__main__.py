@@ -135,10 +135,9 @@ def start(composed, *, trial: bool = False) -> int:
 
     prepared = prepare(composed)
     plan, cfg = prepared.plan, prepared.config
-    from cluster.slurm import check_can_submit
+    from cluster.slurm import allocation_task, check_can_submit
 
     check_can_submit(cfg)  # cluster=slurm: sbatch on PATH, before anything is written (not in a dry run)
-    from cluster.slurm import allocation_task
     from launcher.rundir import check_run_dir, claim_run_dir, clear_earlier_run, is_default_name, make_unique
 
     task = allocation_task() if cfg.cluster.name == "slurm" else None  # one of `srun python -m launcher`'s tasks
