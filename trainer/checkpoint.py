@@ -17,7 +17,7 @@ taken for a good one, and never removes the checkpoint just written.
 Loading checks every file against the marker first (the ranks share that work too), so a
 truncated, missing or corrupt file is named before any state is touched. Nothing here unpickles:
 JSON, safetensors, and DCP through safe_dcp. The manager calls the strategy's save_state and
-load_state (staged_state and write_state for an asynchronous save), so DeepSpeed's own sharded
+load_state (staged_state and write_state for an asynchronous save, where the strategy can stage), so DeepSpeed's own sharded
 format goes through the same marker, retention and resume logic.
 """
 
@@ -196,9 +196,11 @@ class CheckpointManager:
         tmp.mkdir(parents=True, exist_ok=True)
         rng = {k: v.clone() for k, v in rng_state(self.device).items()}
         loop_state = json.loads(json.dumps(loop_state))  # a copy: the loop goes on changing its own
-        if asynchronous and hasattr(strategy, "staged_state"):
-            staged = threading.Event()
-            tensors, extra, copy = strategy.staged_state(staged)
+        staged = threading.Event()
+        # A strategy that cannot stage its state (DeepSpeed) saves synchronously.
+        parts = strategy.staged_state(staged) if asynchronous else None
+        if parts is not None:
+            tensors, extra, copy = parts
             # CPython passes the GIL on after 5 ms by default: while the writer runs Python (DCP
             # serialises tensor by tensor), training then waits up to 5 ms for it after every
             # operator (the convoy effect, CPython issue 7946); a busy thread made training

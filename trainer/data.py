@@ -15,6 +15,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from launcher.schema import DataConfig
 from trainer import corpus
+from trainer.model_io import collate
+
+
+def collate_fn_of(dataset: Dataset):
+    """The dataset's own collator (`collate_fn`: padding, packing), else stacking equal-length
+    samples; either gives the batch dict of trainer/model_io.py."""
+    return getattr(dataset, "collate_fn", None) or collate
 
 
 class TokenWindows(Dataset):
@@ -125,7 +132,10 @@ def train_batches(dataset: Dataset, state, *, usable: int, step_samples: int, ba
         # otherwise, each time it starts, and a resume (which starts one mid-epoch) would shift the
         # dropout stream and break bit-identical resume.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + state.epoch)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, drop_last=False, persistent_workers=False, generator=generator)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, drop_last=False, persistent_workers=False,
+            generator=generator, collate_fn=collate_fn_of(dataset),
+        )
         yield from loader
 
 
@@ -137,4 +147,4 @@ def eval_batches(dataset: Dataset, *, batch_size: int, rank: int, world_size: in
         per_rank = min(per_rank, max_batches * batch_size)
     indices = list(range(rank, per_rank * world_size, world_size))
     # Its own generator, as train_batches: an evaluation leaves the training RNG streams untouched.
-    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0), collate_fn=collate_fn_of(dataset))

@@ -1,10 +1,14 @@
 """The training loop, with Hugging Face Trainer's semantics: accumulation, clipping, schedule,
-logging, evaluation, early stopping, saving. It never asks which strategy it runs.
+logging, evaluation, early stopping, saving. It never asks which strategy or precision it runs:
+the strategy reports whether its step was skipped and why, and a FlowControl (trainer/control.py)
+decides when to log, evaluate, save and stop.
 
-Loss normalisation: each micro-batch's loss is the mean over its tokens, divided by the
-accumulation steps; ranks average their gradients. Every sample has the same number of tokens, so
-this equals the mean over all tokens of the optimizer step (transformers #37766 is about the
-variable-length case, where the two differ).
+Loss normalisation is token-exact (DESIGN.md "Loss"): before the micro-batches of a step run, the
+loop counts their labelled tokens and all-reduces that count (one small collective a step); each
+micro-batch's backward then takes its summed cross-entropy over that global count (the strategy
+maps it onto its gradient reduction: Strategy.backward). The loss of the step is the sum over every
+labelled token of every micro-batch on every rank over their number, whatever the padding, the
+masked prompts, or how tokens fall into micro-batches and ranks (transformers #34242, #37766).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,11 +27,14 @@ import torch.distributed as dist
 
 from launcher.schema import RunConfig
 from trainer.checkpoint import CheckpointManager
+from trainer.control import STOPPED, Control, FlowControl, track_evaluation
 from trainer.data import epoch_ends, eval_batches, start_position, train_batches
 from trainer.faults import fault_point, planned
-from trainer.metrics import MetricsLogger
+from trainer.metrics import MetricsLogger, mfu, model_flops_per_token
+from trainer.model_io import Batch, as_batch, count_labels, to_device
 from trainer.runtime import Runtime
 from trainer.strategies import Strategy
+from trainer.strategies.base import LOSS_SCALE, NONFINITE
 from trainer.watchdog import Activity
 
 log = logging.getLogger("ringleader")
@@ -58,15 +67,34 @@ class LoopState:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class StepOutcome:
+    """One optimizer step, as every rank agrees on it."""
+
+    loss_sum: float  # summed cross-entropy over every labelled token of the step, all ranks
+    tokens: int  # labelled tokens of the step, all ranks
+    grad_norm: torch.Tensor  # before clipping
+    skipped: str | None  # None (applied), LOSS_SCALE, or NONFINITE (a non-finite loss on some rank, or gradients)
+    stop_requested: bool  # a stop signal on some rank
+    local_loss: float  # this rank's summed loss (to name the rank of a non-finite one)
+
+
 @dataclass
 class Window:
     """What happened since the last log line."""
 
-    loss: float = 0.0
-    steps: int = 0  # steps with a finite loss
-    all_steps: int = 0
-    tokens: int = 0
+    loss_sum: float = 0.0  # over the steps with a finite loss
+    labelled: int = 0  # their labelled tokens
+    steps: int = 0
+    tokens: int = 0  # every token processed (padding included): throughput
     started: float = field(default_factory=time.perf_counter)
+
+    def add(self, outcome: StepOutcome, tokens: int) -> None:
+        if outcome.skipped != NONFINITE:
+            self.loss_sum += outcome.loss_sum
+            self.labelled += outcome.tokens
+        self.steps += 1
+        self.tokens += tokens
 
 
 def all_reduce(values: list[float], op=None) -> list[float]:
@@ -78,22 +106,26 @@ def all_reduce(values: list[float], op=None) -> list[float]:
 
 
 class Trainer:
-    def __init__(self, *, cfg: RunConfig, plan: dict, runtime: Runtime, strategy: Strategy, train_set, eval_set, checkpoints: CheckpointManager, metrics: MetricsLogger, state: LoopState) -> None:
+    def __init__(self, *, cfg: RunConfig, plan: Any, runtime: Runtime, strategy: Strategy, train_set, eval_set, checkpoints: CheckpointManager, metrics: MetricsLogger, state: LoopState) -> None:
+        if isinstance(plan, dict):  # until the ranks read the typed plan (launcher.plan.read_plan)
+            plan = SimpleNamespace(**plan)
         self.cfg, self.plan, self.rt, self.strategy = cfg, plan, runtime, strategy
         self.train_set, self.eval_set = train_set, eval_set
         self.checkpoints, self.metrics, self.state = checkpoints, metrics, state
         t = cfg.train
         self.G = t.gradient_accumulation_steps
-        self.E = plan["effective_batch_size"]
-        self.total = plan["total_steps"]
+        self.E = plan.effective_batch_size
+        self.total = plan.total_steps
         # Samples an epoch uses: whole optimizer steps of the dataset the plan counted (the ranks'
         # copy may be smaller if the files changed since: never more than it has).
-        usable = plan["steps_per_epoch"] * self.E if plan["steps_per_epoch"] else len(train_set) // self.E * self.E
+        usable = plan.steps_per_epoch * self.E if plan.steps_per_epoch else len(train_set) // self.E * self.E
         self.usable = min(usable, len(train_set) // self.E * self.E)
         if self.usable == 0:
             raise ValueError(f"the training set has {len(train_set)} samples, fewer than one optimizer step of {self.E}; lower the batch or accumulation, or use more data")
-        self.eval_every = t.eval_steps or t.logging_steps
+        self.flow = FlowControl.from_config(t)
         self.greater_is_better = t.greater_is_better if t.greater_is_better is not None else not t.metric_for_best_model.endswith("loss")
+        # Model FLOPs utilisation, where the hardware profile gives its peak (trainer/metrics.py).
+        self.flops_per_token = model_flops_per_token(strategy.model, seq_len=cfg.data.seq_len) if cfg.hw.peak_tflops_bf16 > 0 else 0.0
         self.status = "running"
         self.last_train_loss: float | None = None
         self.activity = Activity()  # read by the watchdog
@@ -102,95 +134,98 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        s, started = self.state, time.perf_counter()
+        batches = self.batches()
+        if self.cfg.train.eval_on_start and s.step == 0 and self.cfg.train.eval_strategy != "no":
+            self.evaluate_and_log()
+        window = Window()
+        while s.step < self.total:
+            outcome = self.train_step([as_batch(next(batches)) for _ in range(self.G)])
+            epoch_ended = self.advance(outcome)
+            window.add(outcome, self.plan.tokens_per_step)
+            control = self.flow.on_step_end(s.step, epoch_ended=epoch_ended, stop_requested=outcome.stop_requested or self.interrupted)
+            if control.log:
+                self.log_window(window, outcome.grad_norm)
+                window = Window()
+            if control.evaluate:
+                early_stop = self.evaluate_and_track(checkpointed=control.save)
+                self.flow.on_evaluate(control, interrupted=self.interrupted, early_stop=early_stop)
+            if control.save:
+                self.save()
+            if control.stop:
+                self.status = control.stop
+                self.log_stop(control)
+                break
+        self.status = "completed" if self.status == "running" else self.status
+        end = self.flow.on_train_end(stopped=self.status == STOPPED)
+        if end.evaluate:
+            self.evaluate_and_track(checkpointed=end.save)
+        if end.save:
+            self.save()
+        self.checkpoints.wait()
+        return {"status": self.status, "train_runtime_s": round(time.perf_counter() - started, 3)}
+
+    def train_step(self, micro_batches: list[Batch]) -> StepOutcome:
+        """One optimizer step over this rank's micro-batches, token-exact; every rank returns the
+        same outcome (loss and stop flags are reduced once after the step)."""
+        rt, step = self.rt, self.state.step + 1
+        # The step's labelled tokens over all ranks, counted on the CPU before the batches move.
+        (tokens,) = all_reduce([float(sum(map(count_labels, micro_batches)))])
+        self.strategy.train()
+        loss_sum = torch.zeros((), device=rt.device)
+        scale = math.inf if planned("overflow", step, rt.rank) else 1.0  # tests only: RINGLEADER_FAULT
+        for i, batch in enumerate(micro_batches):
+            micro_loss, _ = self.strategy.loss(to_device(batch, rt.device), sync=i == len(micro_batches) - 1)
+            self.strategy.backward(micro_loss * scale, tokens=int(tokens))
+            loss_sum += micro_loss.detach()
+        result = self.strategy.step()
+        fault_point("step", step, rt.rank)  # tests only: RINGLEADER_FAULT (trainer/faults.py)
+        local_loss = float(loss_sum)
+        # One small collective a step: a stop request on any rank, a non-finite loss on any rank,
+        # the step's loss over all ranks.
+        stop, nonfinite, total = all_reduce([float(bool(rt.stop.signum)), float(not math.isfinite(local_loss)), local_loss if math.isfinite(local_loss) else 0.0])
+        skipped = NONFINITE if nonfinite else result.skipped
+        return StepOutcome(loss_sum=total, tokens=int(tokens), grad_norm=result.grad_norm, skipped=skipped, stop_requested=bool(stop), local_loss=local_loss)
+
+    def advance(self, outcome: StepOutcome) -> bool:
+        """Count the step in the loop's state; True when it ended an epoch."""
+        s = self.state
+        s.step += 1
+        s.consumed += self.E
+        s.tokens_seen += self.plan.tokens_per_step
+        epoch_ended = epoch_ends(s.consumed, step_samples=self.E, usable=self.usable)
+        if epoch_ended:
+            s.epoch, s.consumed = s.epoch + 1, 0
+        if outcome.skipped == LOSS_SCALE:
+            s.skipped_steps += 1
+            log.info("step %d skipped by the fp16 loss scaler (gradients overflowed); the loss scale is lowered", s.step)
+        elif outcome.skipped == NONFINITE:
+            self.on_nonfinite(outcome.local_loss, outcome.grad_norm)
+        self.metrics.advance(s.step)
+        return epoch_ended
+
+    def batches(self) -> Iterator:
+        """This rank's micro-batches from the state's position on, epoch after epoch."""
         t, s, rt = self.cfg.train, self.state, self.rt
         epoch, consumed = start_position(s.epoch, s.consumed, step_samples=self.E, usable=self.usable)
         if (epoch, consumed) != (s.epoch, s.consumed):
             log.info("epoch %d has no whole optimizer step of %d samples left after position %d of %d: continuing with epoch %d", s.epoch, self.E, s.consumed, self.usable, epoch)
             s.epoch, s.consumed = epoch, consumed
-        batches = train_batches(
+        return train_batches(
             self.train_set, s, usable=self.usable, step_samples=self.E, batch_size=t.per_device_train_batch_size, rank=rt.rank,
             world_size=rt.world_size, seed=t.seed, num_workers=self.cfg.data.num_workers, pin_memory=rt.device.type == "cuda",
         )
-        if t.eval_on_start and s.step == 0 and t.eval_strategy != "no":
-            try:
-                self.metrics.log({"step": 0, "epoch": 0.0, **self.evaluate()})
-            except EvaluationInterrupted:
-                self.interrupted = True  # the first step's boundary stops the run, with a checkpoint
-        window = Window()
-        started = time.perf_counter()
-        just_saved = just_evaluated = False
-        while s.step < self.total:
-            self.strategy.train()
-            loss_sum = torch.zeros((), device=rt.device)
-            scale = math.inf if planned("overflow", s.step + 1, rt.rank) else 1.0  # tests only: RINGLEADER_FAULT
-            for micro in range(self.G):
-                input_ids, labels = (x.to(rt.device, non_blocking=True) for x in next(batches))
-                loss = self.strategy.forward(input_ids, labels, sync=micro == self.G - 1)
-                self.strategy.backward(loss * scale / self.G)
-                loss_sum += loss.detach()
-            result = self.strategy.step()
-            local_loss = loss_sum / self.G
-            s.step += 1
-            s.consumed += self.E
-            s.tokens_seen += self.plan["tokens_per_step"]
-            epoch_ended = epoch_ends(s.consumed, step_samples=self.E, usable=self.usable)
-            if epoch_ended:
-                s.epoch, s.consumed = s.epoch + 1, 0
 
-            fault_point("step", s.step, rt.rank)  # tests only: RINGLEADER_FAULT (trainer/faults.py)
-            # One small collective a step: a stop request on any rank, a non-finite loss on any rank.
-            stop, nonfinite = all_reduce([float(bool(rt.stop.signum)), float(not torch.isfinite(local_loss))], dist.ReduceOp.MAX if dist.is_initialized() else None)
-            if nonfinite or (result.skipped and not result.overflow):
-                self.on_nonfinite(local_loss, result.grad_norm)
-                local_loss = torch.zeros((), device=rt.device)
-            else:
-                if result.overflow:
-                    s.skipped_steps += 1
-                    log.info("step %d skipped by the fp16 loss scaler (gradients overflowed); the loss scale is lowered", s.step)
-                window.loss += float(local_loss)
-                window.steps += 1
-            window.tokens += self.plan["tokens_per_step"]
-            window.all_steps += 1
-            self.metrics.advance(s.step)
-
-            if s.step % t.logging_steps == 0 or (t.logging_first_step and s.step == 1):
-                self.log_window(window, result.grad_norm)
-                window = Window()
-            save_due = self.due(t.save_strategy, t.save_steps, epoch_ended)
-            # A stop asked for on any rank skips the evaluation: the checkpoint comes first.
-            just_evaluated = self.due(t.eval_strategy, self.eval_every, epoch_ended) and not stop
-            if just_evaluated and self.evaluate_and_track(checkpointed=save_due):
-                self.status = "early_stopped"
-            just_saved = save_due
-            if just_saved:
-                self.save()
-            if stop or self.interrupted:
-                self.status = "stopped"
-                if not just_saved:
-                    self.save()
-                    just_saved = True
-                log.warning("stopped at step %d (%s); rerun the same command to resume", s.step, rt.stop.name or "signal on another rank")
-                break
-            if self.status == "early_stopped":
-                log.info("early stopping at step %d: %s did not improve for %d evaluations", s.step, t.metric_for_best_model, t.early_stopping_patience)
-                break
-
-        if self.status == "running":
-            self.status = "completed"
-        if self.status != "stopped":
-            if t.eval_strategy != "no" and not just_evaluated:
-                self.evaluate_and_track(checkpointed=t.save_strategy != "no")
-            if t.save_strategy != "no" and not just_saved:
-                self.save()
-        self.checkpoints.wait()
-        return {"status": self.status, "train_runtime_s": round(time.perf_counter() - started, 3)}
-
-    def due(self, strategy: str, every: int, epoch_ended: bool) -> bool:
-        return (strategy == "steps" and self.state.step % every == 0) or (strategy == "epoch" and epoch_ended)
+    def log_stop(self, control: Control) -> None:
+        if control.stop == STOPPED:
+            log.warning("stopped at step %d (%s); rerun the same command to resume", self.state.step, self.rt.stop.name or "signal on another rank")
+        else:
+            t = self.cfg.train
+            log.info("early stopping at step %d: %s did not improve for %d evaluations", self.state.step, t.metric_for_best_model, t.early_stopping_patience)
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    def on_nonfinite(self, local_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def on_nonfinite(self, local_loss: float, grad_norm: torch.Tensor) -> None:
         s = self.state
         losses = [float(local_loss)]
         if dist.is_initialized():
@@ -207,24 +242,27 @@ class Trainer:
 
     def log_window(self, window: Window, grad_norm: torch.Tensor) -> None:
         elapsed = time.perf_counter() - window.started
-        loss_total, steps_total = all_reduce([window.loss, float(window.steps)])
-        times = [elapsed / max(1, window.all_steps)]
+        times = [elapsed / max(1, window.steps)]
         if dist.is_initialized():
             gathered = torch.zeros(self.rt.world_size, dtype=torch.float64)
             gathered[self.rt.rank] = times[0]
             dist.all_reduce(gathered)
             times = gathered.tolist()
         log.debug("step time on this rank %.4f s", times[self.rt.rank] if len(times) > 1 else times[0])
+        tokens_per_s = window.tokens / max(elapsed, 1e-9)
         event = {
             "step": self.state.step,
             "epoch": round(self.state.epoch + self.state.consumed / max(1, self.usable), 4),
-            "loss": loss_total / max(1.0, steps_total),
+            # Token-exact: the window's summed loss over all ranks over its labelled tokens.
+            "loss": window.loss_sum / window.labelled if window.labelled else 0.0,
             "learning_rate": self.strategy.learning_rate,
             "grad_norm": float(grad_norm),
-            "tokens_per_s": round(window.tokens / max(elapsed, 1e-9), 1),
+            "tokens_per_s": round(tokens_per_s, 1),
             "step_time_s": round(max(times), 5),
             "slowest_rank": int(max(range(len(times)), key=times.__getitem__)),
         }
+        if self.flops_per_token:
+            event["mfu"] = round(mfu(tokens_per_s / self.rt.world_size, self.flops_per_token, self.cfg.hw.peak_tflops_bf16), 6)
         if self.rt.device.type == "cuda":  # this rank's peak since the start, what an OOM is about
             event["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 1e9, 3)
         self.last_train_loss = event["loss"]
@@ -232,11 +270,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Token-exact as training: the summed loss over all ranks' labelled tokens over their number."""
         t = self.cfg.train
         self.strategy.eval()
         loader = eval_batches(self.eval_set, batch_size=t.per_device_eval_batch_size, rank=self.rt.rank, world_size=self.rt.world_size, max_batches=t.eval_max_batches)
-        total, count = 0.0, 0.0
-        for input_ids, labels in loader:
+        total, tokens, samples = 0.0, 0.0, 0.0
+        for raw in loader:
             fault_point("eval", self.state.step, self.rt.rank)  # tests only: a slow evaluation
             # A stop asked for on any rank ends the evaluation on all of them at this batch (one
             # tiny collective a batch), so the stop checkpoint is written before SLURM's or
@@ -245,48 +284,44 @@ class Trainer:
             if stop:
                 self.strategy.train()
                 raise EvaluationInterrupted
-            loss = self.strategy.forward(input_ids.to(self.rt.device), labels.to(self.rt.device))
-            total += float(loss) * len(input_ids)
-            count += len(input_ids)
+            batch = as_batch(raw)
+            loss_sum, _ = self.strategy.loss(to_device(batch, self.rt.device))
+            total += float(loss_sum)
+            tokens += count_labels(batch)
+            samples += len(batch["input_ids"])
             self.activity.beats += 1
-        total, count = all_reduce([total, count])
+        total, tokens, samples = all_reduce([total, tokens, samples])
         self.strategy.train()
-        return {"eval_loss": total / max(count, 1.0), "eval_samples": int(count)}
+        return {"eval_loss": total / max(tokens, 1.0), "eval_samples": int(samples)}
 
-    def evaluate_and_track(self, *, checkpointed: bool) -> bool:
-        """Evaluate, log, update the best metric; True when early stopping says stop.
-        `checkpointed`: a checkpoint of this step will exist (it is saved right after), so this
-        evaluation may become the best model to load at the end."""
-        t, s = self.cfg.train, self.state
+    def evaluate_and_log(self) -> dict[str, float] | None:
+        """Evaluate and log; None when a stop request cut it short (the next step boundary stops)."""
+        s = self.state
         try:
             results = self.evaluate()
         except EvaluationInterrupted:
             log.warning("evaluation at step %d interrupted by a stop request; saving a checkpoint instead", s.step)
             self.interrupted = True
-            return False
-        s.last_eval = results
+            return None
         self.metrics.log({"step": s.step, "epoch": round(s.epoch + s.consumed / max(1, self.usable), 4), **results})
+        return results
+
+    def evaluate_and_track(self, *, checkpointed: bool) -> bool:
+        """Evaluate, log, update the best metric; True when early stopping says stop.
+        `checkpointed`: a checkpoint of this step will exist (it is saved right after), so this
+        evaluation may become the best model to load at the end."""
+        t = self.cfg.train
+        results = self.evaluate_and_log()
+        if results is None:
+            return False
+        self.state.last_eval = results
         value = results.get(t.metric_for_best_model if t.metric_for_best_model.startswith("eval_") else f"eval_{t.metric_for_best_model}")
         if value is None:
             return False
-        improved = s.best_metric is None or (value > s.best_metric if self.greater_is_better else value < s.best_metric)
-        # As transformers' EarlyStoppingCallback: an improvement counts only beyond the threshold.
-        if improved and (s.best_metric is None or abs(value - s.best_metric) > t.early_stopping_threshold):
-            s.patience = 0
-        else:
-            s.patience += 1
-        if improved:
-            s.best_metric, s.best_step = value, s.step
-        stop = bool(t.early_stopping_patience) and s.patience >= t.early_stopping_patience
-        # Early stopping ends the run here, and the end of a run saves its last step.
-        if checkpointed or (stop and t.save_strategy != "no"):
-            self.track_best_model(value)
-        return stop
-
-    def track_best_model(self, value: float) -> None:
-        s = self.state
-        if s.best_model_metric is None or (value > s.best_model_metric if self.greater_is_better else value < s.best_model_metric):
-            s.best_model_metric, s.best_model_step = value, s.step
+        return track_evaluation(
+            self.state, value, greater_is_better=self.greater_is_better, threshold=t.early_stopping_threshold,
+            patience=t.early_stopping_patience, checkpointed=checkpointed, saves=t.save_strategy != "no",
+        )
 
     def save(self) -> None:
         keep = {self.state.best_model_step} if self.cfg.train.load_best_model_at_end and self.state.best_model_step else set()

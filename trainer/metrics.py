@@ -1,5 +1,6 @@
 """Rank 0's record of the run: metrics.jsonl, TensorBoard, and the console (a progress bar on a
-terminal, plain lines otherwise). Files are appended to, so restarts continue them."""
+terminal, plain lines otherwise). Files are appended to, so restarts continue them. Also what a
+log event derives: model FLOPs utilisation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,25 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("ringleader")
+
+
+def model_flops_per_token(model: Any, *, seq_len: int) -> float:
+    """Training FLOPs (forward and backward) per token: the model's own `flops_per_token(seq_len)`
+    where it has one (ringleader's GPT: PaLM's 6N + 12 L T d, with its attention term), else 6 x the
+    parameter count (the dense estimate; attention not counted, so MFU reads a little low).
+    Counted through DDP and DeepSpeed wrappers, with ZeRO-3's partitioned parameters at full size
+    (ds_numel) and FSDP's DTensors at their global size."""
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if hasattr(inner, "flops_per_token"):
+        return float(inner.flops_per_token(seq_len=seq_len))
+    return 6.0 * sum(getattr(p, "ds_numel", p.numel()) for p in inner.parameters())
+
+
+def mfu(tokens_per_s_per_rank: float, flops_per_token: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation of one accelerator: achieved model FLOPs over its peak."""
+    return tokens_per_s_per_rank * flops_per_token / (peak_tflops * 1e12)
 
 
 class MetricsLogger:

@@ -1,7 +1,8 @@
 """A decoder-only GPT in one file, after nanoGPT: small config, pre-norm blocks, tied embeddings.
 
-`model(input_ids, labels)` returns the mean cross-entropy over all tokens, the contract every model
-of ringleader follows (a user's own too). Gradient checkpointing wraps each block.
+`model(input_ids, labels)` returns the mean cross-entropy over the labelled tokens (labels != -100),
+and `model(input_ids)` the logits: the contract of trainer/model_io.py, which a user's own model
+follows too. Gradient checkpointing wraps each block.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class GPT(nn.Module):
         """The repeated units: what FSDP shards one by one and gradient checkpointing recomputes."""
         return list(self.blocks)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
@@ -94,10 +95,13 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token, PaLM's 6N + 12 L T d (forward and backward), for MFU."""
-        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-        layers, d = len(self.blocks), self.wte.weight.shape[1]
-        return 6 * n + 12 * layers * self.block_size * d
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token of sequences of seq_len (block_size by default), PaLM's
+        6N + 12 L T d (forward and backward; N without the position embeddings), for MFU. Counts
+        ZeRO-3's partitioned parameters at full size (ds_numel)."""
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters()) - self.wpe.num_embeddings * self.wpe.embedding_dim
+        return 6 * n + 12 * len(self.blocks) * (seq_len or self.block_size) * self.wte.embedding_dim

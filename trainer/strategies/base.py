@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from launcher.schema import RunConfig
 from trainer.durable import FileInfo
+from trainer.model_io import Batch, loss_sum_and_count
+
+# Why a step's update was not applied (StepResult.skipped); the schedule did not advance either.
+LOSS_SCALE = "loss_scale"  # the fp16 loss scaler's overflow: it lowered its scale and tries again; expected now and then
+NONFINITE = "nonfinite"  # non-finite gradients: train.nonfinite decides (stop with an error, or skip)
 
 
 @dataclass(frozen=True, kw_only=True)
 class StepResult:
     grad_norm: torch.Tensor  # before clipping, over all ranks
-    skipped: bool  # the update was not applied (non-finite gradients); the schedule did not advance
-    # The skip was the fp16 loss scaler's: it lowered its scale and will try again. Expected now and
-    # then, counted in skipped_steps; any other skip is a non-finite step (train.nonfinite decides).
-    overflow: bool = False
+    skipped: str | None = None  # None: the update was applied; else LOSS_SCALE or NONFINITE
+
+
+# An asynchronous save's parts (Strategy.staged_state): CPU buffers for the tensors, the rest of the
+# state, and the copy that fills the buffers.
+StagedState = tuple[dict[str, torch.Tensor], dict[str, Any], Callable[[], None]]
 
 
 class Strategy(ABC):
@@ -28,7 +39,11 @@ class Strategy(ABC):
 
     Subclasses: DDP and FSDP2 (torch.distributed.checkpoint for state) and DeepSpeed ZeRO (its own
     engine and checkpoint format). The checkpoint manager calls save_state/load_state, and for an
-    asynchronous save staged_state/write_state where a strategy has them (NativeStrategy).
+    asynchronous save staged_state/write_state (NativeStrategy; others save synchronously).
+
+    The loss is token-exact: the loop calls `loss` on each micro-batch (the summed cross-entropy
+    of its labelled tokens) and `backward(loss_sum, tokens=...)` with the labelled tokens of the
+    whole optimizer step on all ranks; the strategy maps that onto its own gradient reduction.
     """
 
     model: nn.Module  # what forward runs on
@@ -38,6 +53,9 @@ class Strategy(ABC):
         self.cfg = cfg
         self.device = device
         self.precision = "bf16" if cfg.train.bf16 else "fp16" if cfg.train.fp16 else "fp32"
+        # Ranks whose gradients the reduction averages (DDP's all-reduce, FSDP's reduce-scatter and
+        # ZeRO's reduction all divide by it): backward multiplies it back in for a token-exact loss.
+        self.data_parallel_size = dist.get_world_size() if dist.is_initialized() else 1
 
     @abstractmethod
     def setup(self, model: nn.Module, *, total_steps: int, warmup_steps: int) -> None:
@@ -49,24 +67,39 @@ class Strategy(ABC):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
-        """The loss of one micro-batch. Gradients of its backward are reduced across ranks only
-        when `sync` (the last micro-batch of an optimizer step)."""
+    def loss(self, batch: Batch, *, sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed cross-entropy of one micro-batch's labelled tokens, and their count
+        (trainer/model_io.py). Gradients of its backward are reduced across ranks only when `sync`
+        (the last micro-batch of an optimizer step)."""
         self.set_gradient_sync(sync)
         with self.autocast():
-            return self.model(input_ids, labels)
+            return loss_sum_and_count(self.model, batch)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
+        """The mean loss of one micro-batch (for a single micro-batch: tests and benchmarks)."""
+        total, count = self.loss({"input_ids": input_ids, "labels": labels}, sync=sync)
+        return total / count.clamp(min=1)
 
     def set_gradient_sync(self, sync: bool) -> None:
         pass
 
+    def backward(self, loss: torch.Tensor, *, tokens: int | None = None) -> None:
+        """Backward of one micro-batch. With `tokens` (the labelled tokens of the whole optimizer
+        step, over all ranks), `loss` is the micro-batch's summed cross-entropy, and the gradients
+        after the step's reduction are those of (sum over every micro-batch of every rank) / tokens.
+        Without, `loss` is already normalised and the ranks' gradients are averaged as usual."""
+        if tokens is not None:
+            loss = loss * (self.data_parallel_size / max(tokens, 1))
+        self.backward_scaled(loss)
+
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's loss, already divided by the accumulation steps."""
+    def backward_scaled(self, loss: torch.Tensor) -> None:
+        """Backward of a loss whose gradients the strategy's reduction then averages over ranks."""
 
     @abstractmethod
     def step(self) -> StepResult:
         """Clip to max_grad_norm, apply the update unless gradients are non-finite, zero them,
-        and advance the learning-rate schedule."""
+        and advance the learning-rate schedule; say whether (and why) the update was skipped."""
 
     @property
     @abstractmethod
@@ -80,6 +113,15 @@ class Strategy(ABC):
 
     @abstractmethod
     def load_state(self, path: Path) -> None: ...
+
+    def staged_state(self, staged: threading.Event) -> StagedState | None:
+        """For an asynchronous save: the state copied at this step boundary (NativeStrategy says
+        how), written later by write_state. None: this strategy saves synchronously only."""
+        return None
+
+    def write_state(self, path: Path, tensors: dict[str, torch.Tensor], extra: dict[str, Any], *, process_group=None) -> dict[str, FileInfo] | None:
+        """Write what staged_state returned; only strategies that stage implement it."""
+        raise NotImplementedError(f"{type(self).__name__} saves synchronously only")
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -95,9 +137,6 @@ class Strategy(ABC):
 
     def train(self) -> None:
         self.model.train()
-
-    def close(self) -> None:
-        pass
 
 
 def unwrap(model: nn.Module) -> nn.Module:

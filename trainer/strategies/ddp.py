@@ -26,6 +26,3 @@ class DDPStrategy(NativeStrategy):
         # of non-final micro-batches, where no_sync() would need forward and backward inside it.
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = sync
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()

@@ -4,8 +4,12 @@ the partitioning, accumulation boundaries and clipping; its config comes from th
 
 How the interface maps onto the engine:
   forward(sync)  -> engine.set_gradient_accumulation_boundary(sync), then engine(...)
-  backward(loss) -> engine.backward(loss, scale_wrt_gas=False): the loop already divided the loss
-                    by the accumulation steps, as it does for DDP
+  backward(loss)  -> engine.backward(loss, scale_wrt_gas=False): the loss is already normalised by
+                    the step's global token count (Strategy.backward), so the engine must not divide
+                    it by its gradient_accumulation_steps (what scale_wrt_gas=True does, DeepSpeed
+                    0.19 engine.backward). Its per-output hook that would divide too stands aside
+                    when engine.backward runs (the graph is registered as scaled). ZeRO's reduction
+                    averages over the data-parallel ranks, which Strategy.backward multiplies back.
   step()         -> engine.step() once per optimizer step (DeepSpeed's documented pattern for an
                     explicit boundary); clipping, the skip on non-finite gradients and the schedule
                     happen inside; the norm is the engine's, before clipping.
@@ -24,7 +28,7 @@ import torch.nn as nn
 
 from launcher.deepspeed_config import deepspeed_config
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.strategies.base import StepResult, Strategy
+from trainer.strategies.base import LOSS_SCALE, NONFINITE, StepResult, Strategy
 
 log = logging.getLogger("ringleader")
 TAG = "deepspeed"  # the sub-folder of every checkpoint; always passed, DeepSpeed's `latest` is never used
@@ -73,7 +77,7 @@ class DeepSpeedStrategy(Strategy):
     def set_gradient_sync(self, sync: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(sync)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward_scaled(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> StepResult:
@@ -85,7 +89,8 @@ class DeepSpeedStrategy(Strategy):
         norm_t = norm.detach().float().cpu() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
         # The engine advances the schedule only when it applied the update (an fp16 overflow skips
         # both), as transformers' Trainer does.
-        return StepResult(grad_norm=norm_t, skipped=not applied or not bool(torch.isfinite(norm_t)), overflow=not applied)
+        skipped = LOSS_SCALE if not applied else None if bool(torch.isfinite(norm_t)) else NONFINITE
+        return StepResult(grad_norm=norm_t, skipped=skipped)
 
     @property
     def learning_rate(self) -> float:

@@ -48,9 +48,6 @@ class FSDPStrategy(NativeStrategy):
         # Non-final micro-batches keep unsharded gradients locally and reduce-scatter once.
         self.model.set_requires_gradient_sync(sync)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
-
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The norm over all ranks' shards (a DTensor reduction), then clipping with it."""
         params = [p for p in self.model.parameters() if p.grad is not None]

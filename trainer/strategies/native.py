@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from trainer.durable import FileInfo, write_file
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.strategies.base import StepResult, Strategy, unwrap
+from trainer.strategies.base import LOSS_SCALE, NONFINITE, StagedState, StepResult, Strategy, unwrap
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -101,7 +101,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 class NativeStrategy(Strategy):
-    """DDP and FSDP2: subclasses wrap the model (`wrap`) and control gradient sync (`backward`)."""
+    """DDP and FSDP2: subclasses wrap the model (`wrap`) and control gradient sync (`set_gradient_sync`)."""
 
     _staged: threading.Event | None = None  # set when an asynchronous save has copied the state
     staging_wait_s: float = 0.0  # total time training waited for asynchronous saves' copies
@@ -114,6 +114,9 @@ class NativeStrategy(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def backward_scaled(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()  # the scaler is a no-op unless fp16
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -131,7 +134,8 @@ class NativeStrategy(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         if finite:  # as transformers' Trainer: the schedule advances only with an applied update
             self.scheduler.step()
-        return StepResult(grad_norm=norm.detach(), skipped=not finite, overflow=not finite and self.scaler.is_enabled())
+        skipped = None if finite else LOSS_SCALE if self.scaler.is_enabled() else NONFINITE
+        return StepResult(grad_norm=norm.detach(), skipped=skipped)
 
     @property
     def learning_rate(self) -> float:
@@ -165,7 +169,7 @@ class NativeStrategy(Strategy):
             written["strategy.json"] = write_file(path / "strategy.json", json.dumps(extra).encode())
         return written
 
-    def staged_state(self, staged: threading.Event) -> tuple[dict[str, torch.Tensor], dict[str, Any], Callable[[], None]]:
+    def staged_state(self, staged: threading.Event) -> StagedState:
         """For an asynchronous save, at a step boundary: CPU buffers for the tensors, the rest of
         the state (a copy), and `copy`, which fills the buffers with the state as it is now.
 
