@@ -38,7 +38,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.total_steps = total_steps
         self.tensorboard_dir = tensorboard_dir
-        self.use_tensorboard = enabled and "tensorboard" in report_to
+        from trainer.trackers import open_trackers, resolve_report_to  # wandb/mlflow: trainer/trackers.py
+
+        self.use_tensorboard = enabled and "tensorboard" in resolve_report_to(report_to)
+        self.trackers = open_trackers(run_dir, report_to) if enabled else None
         self.writer = None  # created at the first event: importing TensorBoard costs ~1 s
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.bar = None
@@ -65,6 +68,8 @@ class MetricsLogger:
                     name = key.replace("eval_", "eval/") if key.startswith("eval_") else f"{prefix}/{key}"
                     self.writer.add_scalar(name, value, event.get("step", 0))
             self.writer.flush()
+        if self.trackers is not None:
+            self.trackers.log(event)
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items() if k != "time")
         log.info(text)
 
@@ -78,5 +83,7 @@ class MetricsLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close()
         if self.file is not None:
             self.file.close()
