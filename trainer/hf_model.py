@@ -1,0 +1,250 @@
+"""Transformers causal LMs for ringleader: build one (pretrained weights, or a config with random
+weights), expose what the strategies need (decoder layers to shard, the checkpointing switch),
+load weights in a way that scales with sharding, and write final/ as a from_pretrained folder.
+
+Loading, by strategy (HFModelSpec.load_plan):
+  ddp           every rank calls from_pretrained: one full copy per rank, as DDP needs anyway.
+  fsdp          every rank builds the model on the meta device (no memory), the strategy shards
+                it (fully_shard per decoder layer), `materialize` allocates each rank's shards,
+                and `load_full_state_dict` streams rank 0's safetensors (memory-mapped) into the
+                shards with broadcast_from_rank0: one copy on the node, in the page cache.
+  zero3         build inside deepspeed.zero.Init (transformers does it in from_pretrained while an
+                HfDeepSpeedConfig for stage 3 is alive): parameters are partitioned as created.
+                Not wired yet: the signature is `build_causal_lm(spec, init="zero3", ds_config=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Mask interfaces that honour transformers' packed-sequence detection (collate.py's docstring).
+PACKING_ATTN = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+SHIPPED_TINY = Path(__file__).resolve().parent / "assets" / "llama_tiny"
+
+
+@dataclass(kw_only=True)
+class HFModelSpec:
+    """The `model` group's fields for a transformers causal LM (names proposed for the schema)."""
+
+    name_or_path: str = ""  # a local folder or a hub id with weights; "" = random weights from `config`
+    config: str | dict[str, Any] = ""  # random init: a config.json (or its folder) or a dict
+    revision: str = ""
+    dtype: str = "float32"  # weights' dtype as loaded: float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # eager | sdpa | flex_attention | flash_attention_2 | ...
+    trust_remote_code: bool = False
+    tokenizer: str = ""  # "" = the model's folder or id (the config's folder for random weights)
+    device_map: Any = None  # refused: ringleader places the model
+
+    def check(self) -> None:
+        if self.device_map not in (None, "", {}):
+            raise ValueError("model.device_map: ringleader places the model on its ranks; remove model.device_map")
+        if bool(self.name_or_path) == bool(self.config):
+            raise ValueError("model.name_or_path / model.config: set exactly one (pretrained weights, or a config for random weights)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}; set model.dtype")
+
+    def tokenizer_source(self) -> str:
+        if self.tokenizer:
+            return self.tokenizer
+        if self.name_or_path:
+            return self.name_or_path
+        if isinstance(self.config, str):
+            path = Path(os.path.expanduser(self.config))
+            return str(path if path.is_dir() else path.parent)
+        raise ValueError("model.tokenizer: a model built from a config dict needs a tokenizer; set model.tokenizer")
+
+
+def load_config(spec: HFModelSpec):
+    from transformers import AutoConfig, PretrainedConfig
+
+    if spec.name_or_path:
+        cfg = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision or None, trust_remote_code=spec.trust_remote_code)
+    elif isinstance(spec.config, dict):
+        kind = dict(spec.config)
+        from transformers import CONFIG_MAPPING
+
+        cfg = CONFIG_MAPPING[kind.pop("model_type")](**kind)
+    else:
+        cfg = AutoConfig.from_pretrained(os.path.expanduser(spec.config), trust_remote_code=spec.trust_remote_code)
+    assert isinstance(cfg, PretrainedConfig)
+    cfg._attn_implementation = spec.attn_implementation or None
+    cfg.use_cache = False  # training: no KV cache (and the packed-sequence mask needs none)
+    return cfg
+
+
+def build_causal_lm(spec: HFModelSpec, *, init: str = "full", seed: int = 0):
+    """The model. init="full": real tensors (pretrained weights, or random ones seeded by `seed`);
+    init="meta": parameters on the meta device, for a strategy that shards first and then calls
+    materialize() and load_full_state_dict()."""
+    from transformers import AutoModelForCausalLM
+
+    spec.check()
+    cfg = load_config(spec)
+    dtype = DTYPES[spec.dtype]
+    if init == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    elif init == "full":
+        if spec.name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.name_or_path, config=cfg, revision=spec.revision or None, dtype=dtype, trust_remote_code=spec.trust_remote_code, attn_implementation=spec.attn_implementation or None
+            )
+        else:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    else:
+        raise ValueError(f"build_causal_lm: init must be full or meta, got {init!r}")
+    model.config.use_cache = False
+    return model
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers, in order: the modules whose class the model names in
+    `_no_split_modules` (what FSDP2 shards one by one, as for GPT.transformer_blocks)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"strategy=fsdp: {type(model).__name__} names no decoder layer class in _no_split_modules; use strategy=ddp or zero3")
+    return blocks
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """The model's own switch, non-reentrant (works with FSDP2, DeepSpeed and frozen inputs)."""
+    # transformers 5 renamed the switch (the old name warns that it goes in v6).
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def packing_refusal(model: nn.Module) -> str | None:
+    """Why packed samples could see each other in this model, or None when packing is safe: its
+    attention implementation must be one whose mask honours packed position ids, and its
+    modelling code must build the mask with masking_utils.create_causal_mask (which detects them)."""
+    import sys
+
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if impl not in PACKING_ATTN:
+        return f"attn_implementation {impl!r} cannot isolate packed samples (allowed: {', '.join(PACKING_ATTN)})"
+    module = sys.modules.get(type(model).__module__)
+    if module is None or not any(hasattr(module, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask")):
+        return f"{type(model).__name__}'s modelling code does not build its mask with transformers' create_causal_mask, so packed samples would attend to each other"
+    return None
+
+
+# ---------------------------------------------------------------- loading that scales
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-built (and possibly sharded) model's tensors on `device`, uninitialised:
+    load_full_state_dict fills the parameters and persistent buffers next. Non-persistent
+    buffers (rotary inv_freq) are in no checkpoint: each module holding some is built again from
+    its config on `device` (they are small) and its buffers taken."""
+    model.to_empty(device=device)
+    for module in model.modules():
+        names = [n for n in module._buffers if n in module._non_persistent_buffers_set]
+        if not names:
+            continue
+        cfg = getattr(module, "config", None)
+        if cfg is None:
+            raise ValueError(f"{type(module).__name__} has buffers outside the checkpoint ({', '.join(names)}) and no config to rebuild them; load this model with strategy=ddp")
+        with torch.device(device):
+            fresh = type(module)(cfg)
+        for n in names:
+            module._buffers[n] = fresh._buffers[n]
+
+
+def weight_files(name_or_path: str) -> list[Path]:
+    """The safetensors files of a local model folder (one file or an index's shards)."""
+    folder = Path(os.path.expanduser(name_or_path))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ValueError(f"model.name_or_path: {folder} has no model.safetensors; ringleader loads safetensors only (convert .bin weights first)")
+
+
+def load_full_state_dict(model: nn.Module, name_or_path: str | None) -> None:
+    """Fill a materialised (possibly FSDP2-sharded) model from rank 0's safetensors files:
+    rank 0 memory-maps them and broadcasts; each rank keeps only its shards. Other ranks pass
+    None. Needs the process group (gloo or nccl) when the world is larger than 1."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    import torch.distributed as dist
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    full: dict[str, torch.Tensor] = {}
+    if rank0:
+        assert name_or_path is not None
+        for f in weight_files(name_or_path):
+            full.update(load_file(str(f)))
+        # Checkpoints of tied models carry the embedding once; the head is the same tensor.
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            if name not in full and getattr(model.config, "tie_word_embeddings", False) and name.endswith("lm_head.weight"):
+                full[name] = full[next(k for k in full if k.endswith("embed_tokens.weight"))]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized() and dist.get_world_size() > 1, strict=False)
+    set_model_state_dict(model, full, options=options)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+# ---------------------------------------------------------------- final/
+
+
+def save_pretrained_dir(out: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, config, tokenizer=None, max_shard_size: str = "5GB") -> Path:
+    """Write a from_pretrained folder (config.json, model.safetensors or shards with their index,
+    generation_config.json, the tokenizer's files) from a full state dict (rank 0's, after the
+    strategy gathered it). The model is built on the meta device only to let transformers
+    name the files and drop tied duplicates; no weights are copied. Written under a temporary
+    name and renamed, so a crash leaves no half folder."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config)
+    shell.generation_config = GenerationConfig.from_model_config(config)
+    shell.config.use_cache = True  # for whoever generates from the folder
+    shell.save_pretrained(tmp, state_dict={k: v.detach().contiguous() for k, v in state_dict.items()}, max_shard_size=max_shard_size, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass(kw_only=True)
+class LoadPlan:
+    """How each strategy loads: `init` for build_causal_lm, and whether rank 0 streams weights
+    after the strategy shards (see the module docstring)."""
+
+    init: str = "full"
+    rank0_broadcast: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_plan(strategy: str, *, pretrained: bool) -> LoadPlan:
+    if strategy == "fsdp" and pretrained:
+        return LoadPlan(init="meta", rank0_broadcast=True)
+    # Random weights are made in full on each rank (the same seed gives the same model on every
+    # strategy, which the cross-strategy loss tests need); a large model trained from scratch
+    # would want meta init + sharded init_weights, not needed for the shipped tiny one.
+    if strategy.startswith("zero3"):
+        return LoadPlan(init="zero3")  # deepspeed.zero.Init; to wire with the DeepSpeed strategy
+    return LoadPlan(init="full")
