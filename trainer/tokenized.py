@@ -92,6 +92,8 @@ def _flat(ds, column: str) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if len(ds) == 0:  # an empty split (validation_fraction=0): map() leaves its columns as they were
+        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
     col = ds.data.column(column)
     arr = pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], type=pa.list_(pa.int64()))
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
