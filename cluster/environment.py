@@ -13,24 +13,6 @@ from dataclasses import dataclass
 
 from launcher.errors import ConfigError
 
-# What the shell (and os.environ) accept as a variable's name: anything else in an `export KEY=...`
-# line of a script is a command, and in a process environment an error.
-VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def check_variable_names(variables: Mapping[str, str], key: str) -> None:
-    """Every name of a dict that becomes environment variables (hw.nccl_env) is a variable name:
-    `export NAME=...` in the sbatch script, `NAME=... torchrun` in the printed command."""
-    for name in variables:
-        if not VARIABLE_NAME.fullmatch(str(name)):
-            raise ConfigError(key_label(key, str(name)), f"{str(name)!r} is not an environment variable name; use letters, digits and _ (not first a digit), e.g. {key}.NCCL_DEBUG=INFO")
-
-
-def key_label(key: str, name: str) -> str:
-    """`key.name` for an error message, or `key['na\\nme']` when the name would break the one line."""
-    return f"{key}.{name}" if name.isprintable() and name.strip() == name and name else f"{key}[{name!r}]"
-
-
 class EnvironmentVariableError(ConfigError):
     """A variable that SLURM or torchrun should have set holds something else: named, one line, so
     the launcher exits 2 and a rank fails with the variable's name instead of a traceback."""

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from launcher.errors import ConfigError
+from launcher.rules import setup_words
 from launcher.rundir import atomic_write
 from launcher.schema import RunConfig
 
@@ -45,38 +46,7 @@ SCRIPT_NAME = "job.sbatch"
 JOB_FILE = "slurm.json"  # the job id(s) of this run directory, for status/logs/cancel
 # States after which a job will not run again (a requeued job passes REQUEUED/PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}
-EXTRA_KEY = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 JOB_ID = re.compile(r"[0-9]+")  # what sbatch --parsable prints; nothing else reaches scancel or a file name
-
-# sbatch options the script sets itself, and the key that sets each. cluster.sbatch_extra may not
-# set them (nor their one-letter forms, nor an abbreviation: sbatch's getopt_long takes any
-# unambiguous prefix of a long option, so `--sig` is `--signal`).
-OWNED_OPTIONS = {
-    "nodes": "cluster.nodes",
-    "ntasks": "nothing: ringleader runs one task per node, and cluster.nproc_per_node ranks in it",
-    "ntasks-per-node": "nothing: ringleader runs one task per node, and cluster.nproc_per_node ranks in it",
-    "cpus-per-task": "cluster.cpus_per_task",
-    "gpus": "cluster.gpus_per_node",
-    "gpus-per-node": "cluster.gpus_per_node",
-    "time": "cluster.time_min",
-    "output": "nothing: the batch log is <run dir>/logs/slurm-<job>.log, which `logs --slurm` reads",
-    "error": "nothing: the batch log is <run dir>/logs/slurm-<job>.log, which `logs --slurm` reads",
-    "open-mode": "nothing: a requeued job appends to its log",
-    "signal": "cluster.signal_delay_s",
-    "requeue": "cluster.max_requeues",
-    "no-requeue": "cluster.max_requeues (0: never requeued by ringleader)",
-    "job-name": "train.output_dir (the job is named after the run directory)",
-    "partition": "cluster.partition",
-    "account": "cluster.account",
-    "qos": "cluster.qos",
-    "constraint": "cluster.constraint",
-    "mem": "cluster.mem_gb",
-    "exclusive": "cluster.exclusive",
-    "array": "a sweep (python -m launcher -m ...): one run directory per job",
-    "wrap": "nothing: sbatch runs ringleader's script",
-}
-SHORT_OPTIONS = {"N": "nodes", "n": "ntasks", "c": "cpus-per-task", "G": "gpus", "t": "time", "o": "output", "e": "error",
-                 "J": "job-name", "p": "partition", "A": "account", "q": "qos", "C": "constraint", "a": "array"}
 
 
 def q(value: object) -> str:
@@ -113,71 +83,19 @@ def directives(cfg: RunConfig, plan) -> list[tuple[str, str | None]]:
         ("signal", f"USR2@{c.signal_delay_s}"),  # to every process of the job steps, signal_delay_s before the time limit
         ("requeue", None),
     ]
-    for key, value in c.sbatch_extra.items():
-        check_extra_option(str(key))
+    for key, value in c.sbatch_extra.items():  # checked: launcher/schema.py ClusterConfig.check_slurm
         opts.append((str(key), str(value) if value not in (None, "") else None))
     return opts
 
 
-def check_extra_option(key: str) -> None:
-    """A cluster.sbatch_extra key is an sbatch option name that ringleader does not set itself."""
-    from cluster.environment import key_label
-
-    where = key_label("cluster.sbatch_extra", key)
-    if not EXTRA_KEY.fullmatch(key):
-        raise ConfigError(where, "is not an sbatch option name; write it without dashes, e.g. cluster.sbatch_extra.mail-type=END")
-    option = SHORT_OPTIONS.get(key) or next((o for o in OWNED_OPTIONS if o.startswith(key)), None)
-    if option is not None:
-        instead = OWNED_OPTIONS[option]
-        fix = f"set {instead}" if not instead.startswith("nothing") else f"remove it ({instead.removeprefix('nothing: ')})"
-        if instead.startswith("a sweep"):
-            fix = f"remove it; use {instead}"
-        raise ConfigError(where, f"is sbatch's --{option}, which ringleader's script sets itself; {fix}")
-
-
-# Outside quotes, these make a setup line more than one simple command, or make the shell expand a
-# word (`#` only where a word begins: there it starts a comment); inside double quotes, `$` and
-# backticks still expand. `setup_line` quotes each word, so any of them would be run as literal
-# text: refused instead, naming the character.
-SHELL_SPECIAL = set(";|&<>()`$*?[]{}~!")
-
-
-def shell_special(line: str) -> str | None:
-    """The first character of `line` that bash would treat specially, where quoting each word of
-    the line would change its meaning; None when there is none."""
-    quote = ""
-    escaped = False
-    previous = " "
-    for char in line:
-        if quote == '"' and char in "$`":
-            return char
-        if escaped:
-            escaped = False
-        elif quote == "'":
-            quote = "" if char == "'" else quote
-        elif quote == '"':
-            if char == "\\":
-                escaped = True
-            elif char == '"':
-                quote = ""
-        elif char == "\\":
-            escaped = True
-        elif char in "'\"":
-            quote = char
-        elif char in SHELL_SPECIAL or (char == "#" and previous.isspace()):
-            return char
-        previous = char
-    return None
-
-
-def check_setup_line(line: str, index: int) -> None:
-    """Refuse a setup line whose meaning would change when each of its words is quoted."""
-    if (char := shell_special(line)) is not None:
-        raise ConfigError(
-            f"cluster.setup.{index}",
-            f"'{line}' uses the shell's {char!r}; a setup line is one simple command whose words are passed as written "
-            "(no ; | & > < $ ` ~ * # or $(...)). Put more complex setup in a script and `source /path/to/it.sh` instead",
-        )
+def check_can_submit(cfg: RunConfig, environ=None) -> None:
+    """Before anything is written: a cluster=slurm run that submits a job needs sbatch here. Not a
+    dry run (it must work on a laptop without SLURM), nor a task of `srun python -m launcher`
+    (it runs torchrun on its node and submits nothing)."""
+    if cfg.cluster.name != "slurm" or cfg.dry_run or allocation_task(environ) is not None:
+        return
+    if shutil.which("sbatch", path=(os.environ if environ is None else environ).get("PATH")) is None:
+        raise ConfigError("cluster", "sbatch is not on PATH, so this machine cannot submit a SLURM job; run on a login node of the cluster, or use dry_run=true to print the script")
 
 
 ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*=)(.*)", re.DOTALL)
@@ -191,79 +109,12 @@ def setup_word(word: str) -> str:
     return shlex.quote(word)
 
 
-def validate_slurm(cfg: RunConfig, plan, environ=None) -> None:
-    """What only a SLURM job can get wrong: options sbatch reads a second time (`%` in --output),
-    words that would become options, container mounts, and a time limit that leaves no time to
-    train. Raises ConfigError before anything is written."""
-    c = cfg.cluster
-    if cfg.hw.name.startswith("auto") and not in_slurm_job(environ):
-        raise ConfigError("hw", "cluster=slurm needs the compute nodes' hardware profile, not this machine's; add +hw=PROFILE (e.g. +hw=8xH100, +hw=cpu; profiles in conf/hw/)")
-    run_dir = str(plan.run_dir)
-    for char, why in (("%", "sbatch expands % in the job's --output file name"), ("\\", "a \\ in --output turns off sbatch's %j")):
-        if char in run_dir:
-            raise ConfigError("train.output_dir", f"{run_dir} contains '{char}' ({why}); choose a folder without it for cluster=slurm")
-    if c.container:
-        if c.container.startswith("-"):
-            raise ConfigError("cluster.container", f"'{c.container}' begins with '-' and would be read as an option; give an image name or path")
-        for char in ",:":
-            if char in run_dir:
-                raise ConfigError("train.output_dir", f"{run_dir} contains '{char}', which splits the container's mount list ({c.container_runtime}); choose a folder without , or : for cluster.container")
-    for key in ("partition", "account", "qos", "constraint"):
-        if str(getattr(c, key)).startswith("-"):
-            raise ConfigError(f"cluster.{key}", f"'{getattr(c, key)}' begins with '-', which no SLURM name does; give the {key}'s name")
-    for index, line in enumerate(c.setup):
-        check_setup_line(line, index)
-    for key in c.sbatch_extra:
-        check_extra_option(str(key))
-    check_signal_delay(c.signal_delay_s, c.time_min)
-
-
-def check_signal_delay(delay_s: int, time_min: int) -> None:
-    """The stop signal must leave each start time to train. SLURM may send it up to 60 s early; if
-    it comes before half the time limit, every requeued start spends more time starting and saving
-    than training, and at delay >= the limit it comes at once: a requeue loop with no progress."""
-    limit_s = time_min * 60
-    if delay_s < 1:
-        raise ConfigError("cluster.signal_delay_s", f"must be >= 1 second, got {delay_s}: the ranks need time between the stop signal and the time limit to save a checkpoint")
-    if delay_s > 65535:
-        raise ConfigError("cluster.signal_delay_s", f"must be <= 65535 seconds (sbatch's limit), got {delay_s}")
-    if 2 * (delay_s + 60) > limit_s:
-        raise ConfigError(
-            "cluster.signal_delay_s",
-            f"{delay_s} s (SLURM may signal up to 60 s earlier) leaves less than half of cluster.time_min={time_min} ({limit_s} s) "
-            f"to train before each stop and requeue; lower cluster.signal_delay_s or raise cluster.time_min to at least {-(-2 * (delay_s + 60) // 60)}",
-        )
-
-
-def in_slurm_job(environ=None) -> bool:
-    """A task of a SLURM job (srun, a sweep's trial, the batch script): there, the `auto` hw
-    profile describes a node of the cluster, not a login node."""
-    from cluster.environment import SlurmEnvironment, detect_environment
-
-    return isinstance(detect_environment(environ), SlurmEnvironment)
-
-
-def check_can_submit(cfg: RunConfig, environ=None) -> None:
-    """Before anything is written: a cluster=slurm run that submits a job needs sbatch here. Not a
-    dry run (it must work on a laptop without SLURM), nor a task of `srun python -m launcher`
-    (it runs torchrun on its node and submits nothing)."""
-    if cfg.cluster.name != "slurm" or cfg.dry_run or allocation_task(environ) is not None:
-        return
-    if shutil.which("sbatch", path=(os.environ if environ is None else environ).get("PATH")) is None:
-        raise ConfigError("cluster", "sbatch is not on PATH, so this machine cannot submit a SLURM job; run on a login node of the cluster, or use dry_run=true to print the script")
-
-
 def setup_line(line: str, index: int) -> str:
     """A setup line is one simple command (`module load cuda/12.4`, `source /path/venv/bin/activate`,
     `export HF_HOME=/scratch/hf`): split into words as a shell would, and each word quoted, so no
     `$(...)`, backtick, `;` or `|` in it ever runs. A line that uses any of them is refused
-    (check_setup_line) rather than run as literal words. For more, put a script on disk and `source` it."""
-    try:
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise ConfigError(f"cluster.setup.{index}", f"cannot split '{line}' into words ({exc}); balance its quotes") from exc
-    check_setup_line(line, index)
-    return " ".join(setup_word(w) for w in words)
+    (launcher/rules.py setup_words) rather than run as literal words."""
+    return " ".join(setup_word(w) for w in setup_words(line, index))
 
 
 def node_command(cfg: RunConfig, plan, python: str) -> list[str]:
@@ -367,9 +218,8 @@ def render_sbatch(cfg: RunConfig, plan, *, python: str) -> str:
 
 
 def render_job(cfg: RunConfig, plan, *, python: str) -> tuple[list[str], str]:
-    """The submission command and the sbatch script. Pure: no file, no process, no sbatch/sinfo call
-    (validate_slurm reads the environment only to tell a login node from a job's node)."""
-    validate_slurm(cfg, plan)
+    """The submission command and the sbatch script. Pure: no file, no process, no sbatch/sinfo call.
+    The config was checked before (launcher/schema.py, launcher/validate.py)."""
     return ["sbatch", "--parsable", f"{plan.run_dir}/{SCRIPT_NAME}"], render_sbatch(cfg, plan, python=python)
 
 

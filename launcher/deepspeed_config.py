@@ -20,9 +20,8 @@ import copy
 from typing import Any
 
 from launcher.errors import ConfigError
+from launcher.registry import ZERO_STAGES
 from launcher.schema import RunConfig
-
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 
 # Keys of the derived dict and the schema key that owns each. A whole section (optimizer,
 # scheduler) is owned as one: DeepSpeed must not build another optimizer or schedule.
@@ -42,31 +41,6 @@ OWNED: dict[str, str] = {
 # Inside an offload section the device is the user's choice (cpu or nvme), but "none" would
 # contradict the schema's offload switch.
 OFFLOAD_DEVICES = ("cpu", "nvme")
-
-
-def is_deepspeed(cfg: RunConfig) -> bool:
-    return cfg.strategy.name in ZERO_STAGES
-
-
-def validate_strategy(cfg: RunConfig) -> None:
-    """The strategy's own knobs agree with its name; DeepSpeed-only keys only for DeepSpeed."""
-    s = cfg.strategy
-    if s.name in ZERO_STAGES:
-        stage = ZERO_STAGES[s.name]
-        if s.zero_stage != stage:
-            raise ConfigError("strategy.zero_stage", f"is {s.zero_stage} but strategy {s.name} is ZeRO stage {stage}; pick strategy=zero{s.zero_stage} instead, or drop the override")
-        if s.offload_param and stage != 3:
-            raise ConfigError("strategy.offload_param", f"needs ZeRO stage 3, {s.name} is stage {stage}; use strategy=zero3_offload")
-        if cfg.optimizer.name.startswith("paged_") and (s.offload_optimizer or s.offload_param):
-            raise ConfigError("optimizer", f"{cfg.optimizer.name} cannot be combined with ZeRO offload (DeepSpeed's CPU Adam runs the update); use optimizer=adamw")
-        return
-    if s.zero_stage:
-        raise ConfigError("strategy.zero_stage", f"only DeepSpeed strategies have a ZeRO stage, {s.name} has none; use strategy=zero{s.zero_stage}")
-    if s.offload_optimizer or s.offload_param:
-        key = "strategy.offload_optimizer" if s.offload_optimizer else "strategy.offload_param"
-        raise ConfigError(key, f"offload needs a DeepSpeed strategy, {s.name} has none; use strategy=zero3_offload")
-    if s.deepspeed:
-        raise ConfigError("strategy.deepspeed", f"DeepSpeed keys given, but strategy {s.name} does not use DeepSpeed; pick strategy=zero1/zero2/zero3/zero3_offload or drop them")
 
 
 def optimizer_section(cfg: RunConfig) -> dict[str, Any] | None:

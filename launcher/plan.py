@@ -11,9 +11,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.environment import Host, check_variable_names
+from cluster.environment import Host
 from launcher.errors import ConfigError
-from launcher.deepspeed_config import deepspeed_config, is_deepspeed, validate_strategy
+from launcher.deepspeed_config import deepspeed_config
 from launcher.memory import plan_memory
 from launcher.schema import HwConfig, RunConfig
 from trainer import corpus
@@ -105,10 +105,8 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
     else:
         total = math.ceil(t.num_train_epochs * steps_per_epoch)  # as transformers' Trainer
     warmup = cfg.scheduler.warmup_steps if cfg.scheduler.warmup_steps > 0 else math.ceil(total * cfg.scheduler.warmup_ratio)
-    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     backend = t.ddp_backend or ("nccl" if cfg.hw.accelerator == "cuda" else "gloo")
     threads = max(1, cfg.hw.cpus_per_node // nproc) if cfg.hw.accelerator == "cpu" else max(1, min(8, cfg.hw.cpus_per_node // max(1, nproc)))
-    check_variable_names(cfg.hw.nccl_env, "hw.nccl_env")  # they become `export NAME=...` lines and NAME=... words
     env = {"OMP_NUM_THREADS": str(threads), **cfg.hw.nccl_env}
     plan = Plan(
         run_dir=str(run_dir),
@@ -120,7 +118,7 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
         backend=backend,
         threads_per_rank=threads,
         strategy=cfg.strategy.name,
-        precision=precision,
+        precision=t.precision,
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         effective_batch_size=effective,
@@ -133,8 +131,7 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
         tokens_per_step=effective * cfg.data.seq_len,
         env=env,
     )
-    validate_strategy(cfg)
-    if is_deepspeed(cfg):
+    if cfg.strategy.is_deepspeed:
         plan.deepspeed = deepspeed_config(cfg, world_size=world)
     plan.memory, memory_warnings = plan_memory(cfg, world_size=world)
     plan.warnings.extend(memory_warnings)

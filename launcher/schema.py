@@ -12,6 +12,13 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from launcher.errors import ConfigError
+from launcher.registry import (
+    ACCELERATORS, BITSANDBYTES, BYTE_LEVEL_DATASETS, CLUSTERS, CONTAINER_RUNTIMES, DATASETS, DDP_BACKENDS, EVAL_METRICS, GPT_TARGET,
+    INTERVALS, NONFINITE, OPTIMIZERS, SCHEDULERS, STRATEGIES, TOKEN_BYTES, TRACKERS, ZERO_STAGES,
+)
+from launcher.rules import DOTTED_PATH, check_extra_option, check_signal_delay, check_values, check_variable_names, require, setup_words
+
 
 @dataclass(kw_only=True)
 class HwConfig:
@@ -29,6 +36,15 @@ class HwConfig:
     peak_tflops_bf16: float = 0.0  # dense bf16 peak of one GPU, for MFU
     nccl_env: dict[str, str] = field(default_factory=dict)
 
+    def check(self) -> None:
+        require(self.accelerator in ("auto", *ACCELERATORS), "hw.accelerator", f"'{self.accelerator}' is not one of cpu, cuda")
+        require(self.cpu_ranks >= 1, "hw.cpu_ranks", f"must be >= 1 (processes per node on CPU), got {self.cpu_ranks}")
+        require(self.gpus_per_node >= 0, "hw.gpus_per_node", f"must be >= 0, got {self.gpus_per_node}")
+        require(self.cpus_per_node >= 0, "hw.cpus_per_node", f"must be >= 0 (0: detected), got {self.cpus_per_node}")
+        require(self.gpu_memory_gb >= 0, "hw.gpu_memory_gb", f"must be >= 0, got {self.gpu_memory_gb}")
+        require(self.peak_tflops_bf16 >= 0, "hw.peak_tflops_bf16", f"must be >= 0, got {self.peak_tflops_bf16}")
+        check_variable_names(self.nccl_env, "hw.nccl_env")  # they become `export NAME=...` lines and NAME=... words
+
 
 @dataclass(kw_only=True)
 class StrategyConfig:
@@ -41,6 +57,24 @@ class StrategyConfig:
     find_unused_parameters: bool = False
     reshard_after_forward: bool = True  # FSDP2
     deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """The strategy's own knobs agree with its name; DeepSpeed-only keys only for DeepSpeed."""
+        require(self.name in STRATEGIES, "strategy.name", f"unknown strategy '{self.name}'; choose one of {', '.join(STRATEGIES)}")
+        if self.name in ZERO_STAGES:
+            stage = ZERO_STAGES[self.name]
+            require(self.zero_stage == stage, "strategy.zero_stage", f"is {self.zero_stage} but strategy {self.name} is ZeRO stage {stage}; pick strategy=zero{self.zero_stage} instead, or drop the override")
+            require(not self.offload_param or stage == 3, "strategy.offload_param", f"needs ZeRO stage 3, {self.name} is stage {stage}; use strategy=zero3_offload")
+            return
+        require(not self.zero_stage, "strategy.zero_stage", f"only DeepSpeed strategies have a ZeRO stage, {self.name} has none; use strategy=zero{self.zero_stage}")
+        if self.offload_optimizer or self.offload_param:
+            key = "strategy.offload_optimizer" if self.offload_optimizer else "strategy.offload_param"
+            raise ConfigError(key, f"offload needs a DeepSpeed strategy, {self.name} has none; use strategy=zero3_offload")
+        require(not self.deepspeed, "strategy.deepspeed", f"DeepSpeed keys given, but strategy {self.name} does not use DeepSpeed; pick strategy=zero1/zero2/zero3/zero3_offload or drop them")
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.name in ZERO_STAGES
 
 
 @dataclass(kw_only=True)
@@ -55,6 +89,16 @@ class OptimizerConfig:
     adam_epsilon: float = 1e-8
     momentum: float = 0.0  # sgd
 
+    def check(self) -> None:
+        require(self.name in OPTIMIZERS, "optimizer.name", f"unknown optimizer '{self.name}'; choose one of {', '.join(OPTIMIZERS)}")
+        require(self.learning_rate > 0, "optimizer.learning_rate", f"must be > 0, got {self.learning_rate}; set e.g. optimizer.learning_rate=3e-4")
+        require(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            require(0 <= value < 1, f"optimizer.{key}", f"must be in [0, 1), got {value}")
+        require(self.adam_epsilon > 0, "optimizer.adam_epsilon", f"must be > 0, got {self.adam_epsilon}")
+        require(self.momentum >= 0, "optimizer.momentum", f"must be >= 0, got {self.momentum}")
+
 
 @dataclass(kw_only=True)
 class SchedulerConfig:
@@ -64,6 +108,12 @@ class SchedulerConfig:
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
     warmup_ratio: float = 0.0
     num_cycles: float = 0.5  # cosine: half a wave, as in transformers
+
+    def check(self) -> None:
+        require(self.name in SCHEDULERS, "scheduler.name", f"unknown schedule '{self.name}'; choose one of {', '.join(SCHEDULERS)}")
+        require(self.warmup_steps >= 0, "scheduler.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.num_cycles > 0, "scheduler.num_cycles", f"must be > 0, got {self.num_cycles}")
+        require(0 <= self.warmup_ratio <= 1, "scheduler.warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -90,6 +140,18 @@ class ModelConfig:
     # imports the model to count it). 0: no estimate. The built-in GPT is counted exactly.
     num_parameters: int = 0
 
+    def check(self) -> None:
+        require(bool(self._target_), "model._target_", "is empty; pick a model (model=gpt_tiny) or give a dotted path, e.g. model._target_=mypkg.models.MyModel")
+        require(bool(DOTTED_PATH.fullmatch(self._target_)), "model._target_", f"'{self._target_}' is not a dotted path to a class or function; write e.g. mypkg.models.MyModel")
+        require(self.num_parameters >= 0, "model.num_parameters", f"must be >= 0 (0: no estimate), got {self.num_parameters}")
+        if self._target_ == GPT_TARGET:
+            require(self.vocab_size >= 1, "model.vocab_size", f"must be >= 1, got {self.vocab_size}")
+            require(self.block_size >= 1, "model.block_size", f"must be >= 1, got {self.block_size}")
+            require(self.n_layer >= 1, "model.n_layer", f"must be >= 1, got {self.n_layer}")
+            require(self.n_head >= 1, "model.n_head", f"must be >= 1, got {self.n_head}")
+            require(self.n_embd % self.n_head == 0, "model.n_embd", f"{self.n_embd} is not divisible by model.n_head={self.n_head}; change one of them")
+            require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -108,6 +170,24 @@ class DataConfig:
     num_samples: int = 0  # synthetic, or a user's dataset: training samples per epoch
     num_workers: int = 0
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        require(not self._target_ or bool(DOTTED_PATH.fullmatch(self._target_)), "data._target_", f"'{self._target_}' is not a dotted path to a function; write e.g. mypkg.data.make_dataset")
+        require(self.seq_len >= 1, "data.seq_len", f"must be >= 1, got {self.seq_len}")
+        require(0 <= self.validation_fraction < 1, "data.validation_fraction", f"must be in [0, 1), got {self.validation_fraction}")
+        require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.max_bytes >= 0, "data.max_bytes", f"must be >= 0 (0: all), got {self.max_bytes}")
+        require(self.num_samples >= 0, "data.num_samples", f"must be >= 0, got {self.num_samples}")
+        require(self.name in DATASETS or bool(self._target_), "data.name", f"unknown dataset '{self.name}'; choose one of {', '.join(DATASETS)} or set data._target_")
+        if self._target_:
+            return
+        if self.name == "text_files":
+            require(bool(self.paths), "data.paths", "text_files needs files; set data.paths='[/path/to/*.txt]'")
+        if self.name == "tokens_bin":  # that the file exists: launcher/validate.py
+            require(len(self.paths) == 1, "data.paths", f"tokens_bin needs one existing file, got {self.paths}; set data.paths='[/path/train.bin]'")
+            require(self.token_dtype in TOKEN_BYTES, "data.token_dtype", f"'{self.token_dtype}' is not one of uint8, uint16, int32")
+        if self.name == "synthetic":
+            require(self.num_samples >= 1, "data.num_samples", f"synthetic data needs data.num_samples >= 1, got {self.num_samples}")
 
 
 @dataclass(kw_only=True)
@@ -138,6 +218,38 @@ class ClusterConfig:
     container: str = ""
     container_runtime: str = "pyxis"  # pyxis | apptainer
     wait: bool = False
+
+    def check(self) -> None:
+        require(self.name in CLUSTERS, "cluster.name", f"unknown cluster '{self.name}'; choose one of {', '.join(CLUSTERS)}")
+        require(self.nodes >= 1, "cluster.nodes", f"must be >= 1, got {self.nodes}")
+        require(self.name != "local" or self.nodes == 1, "cluster.nodes", f"{self.nodes} nodes need a cluster; use cluster=slurm, or cluster.nodes=1 for this machine")
+        require(self.max_nodes >= 0, "cluster.max_nodes", f"must be >= 0 (0: no cap), got {self.max_nodes}")
+        require(self.max_nodes == 0 or self.nodes <= self.max_nodes, "cluster.nodes", f"{self.nodes} is more than this cluster's {self.max_nodes} nodes; lower cluster.nodes")
+        require(self.nproc_per_node >= 0, "cluster.nproc_per_node", f"must be >= 0 (0: from the hw profile), got {self.nproc_per_node}")
+        require(self.max_restarts >= 0, "cluster.max_restarts", f"must be >= 0, got {self.max_restarts}")
+        require(self.monitor_interval > 0, "cluster.monitor_interval", f"must be > 0 seconds, got {self.monitor_interval}")
+        require(self.cpus_per_task >= 0, "cluster.cpus_per_task", f"must be >= 0 (0: hw.cpus_per_node), got {self.cpus_per_task}")
+        require(self.mem_gb >= 0, "cluster.mem_gb", f"must be >= 0 (0: the partition's default), got {self.mem_gb}")
+        require(self.gpus_per_node >= -1, "cluster.gpus_per_node", f"must be >= 0, or -1 for the hw profile's; got {self.gpus_per_node}")
+        require(self.signal_delay_s >= 0, "cluster.signal_delay_s", f"must be >= 0 seconds, got {self.signal_delay_s}")
+        require(self.max_requeues >= 0, "cluster.max_requeues", f"must be >= 0, got {self.max_requeues}")
+        require(self.time_min >= 1, "cluster.time_min", f"must be >= 1 minute, got {self.time_min}")
+        require(self.container_runtime in CONTAINER_RUNTIMES, "cluster.container_runtime", f"'{self.container_runtime}' is not one of pyxis, apptainer")
+        require(1 <= self.rdzv_port <= 65535, "cluster.rdzv_port", f"must be a TCP port, got {self.rdzv_port}")
+        if self.name == "slurm":
+            self.check_slurm()
+
+    def check_slurm(self) -> None:
+        """What only a SLURM job's values can get wrong: words that would become options, shell in a
+        setup line, sbatch options the script owns, a time limit that leaves no time to train."""
+        require(not self.container.startswith("-"), "cluster.container", f"'{self.container}' begins with '-' and would be read as an option; give an image name or path")
+        for key in ("partition", "account", "qos", "constraint"):
+            require(not str(getattr(self, key)).startswith("-"), f"cluster.{key}", f"'{getattr(self, key)}' begins with '-', which no SLURM name does; give the {key}'s name")
+        for index, line in enumerate(self.setup):
+            setup_words(line, index)
+        for key in self.sbatch_extra:
+            check_extra_option(str(key))
+        check_signal_delay(self.signal_delay_s, self.time_min)
 
 
 @dataclass(kw_only=True)
@@ -196,6 +308,56 @@ class TrainConfig:
     export_final: bool = True  # write final/model.safetensors
     torch_compile: bool = False
 
+    def check(self) -> None:
+        require(bool(self.output_dir.strip()), "train.output_dir", "is empty; give a folder for the run, e.g. train.output_dir=runs/my-run")
+        require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size", f"must be >= 1, got {self.per_device_train_batch_size}")
+        require(self.per_device_eval_batch_size >= 1, "train.per_device_eval_batch_size", f"must be >= 1, got {self.per_device_eval_batch_size}")
+        require(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", f"must be >= 1, got {self.gradient_accumulation_steps}")
+        require(self.max_steps >= -1, "train.max_steps", f"must be > 0, or -1 to train for train.num_train_epochs; got {self.max_steps}")
+        require(self.max_steps > 0 or self.num_train_epochs > 0, "train.num_train_epochs", "must be > 0 when train.max_steps is not set; set one of them")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
+        require(self.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {self.logging_steps}")
+        require(self.eval_strategy in INTERVALS, "train.eval_strategy", f"'{self.eval_strategy}' is not one of no, steps, epoch")
+        require(self.save_strategy in INTERVALS, "train.save_strategy", f"'{self.save_strategy}' is not one of no, steps, epoch")
+        require(self.eval_steps >= 0, "train.eval_steps", f"must be >= 0 (0: every logging_steps), got {self.eval_steps}")
+        require(self.save_strategy != "steps" or self.save_steps >= 1, "train.save_steps", f"must be >= 1 with save_strategy=steps, got {self.save_steps}")
+        require(self.eval_max_batches >= 0, "train.eval_max_batches", f"must be >= 0 (0: the whole validation split), got {self.eval_max_batches}")
+        require(self.early_stopping_threshold >= 0, "train.early_stopping_threshold", f"must be >= 0, got {self.early_stopping_threshold}")
+        unknown = [r for r in self.report_to if r not in TRACKERS]
+        require(not unknown, "train.report_to", f"{unknown[0] if unknown else ''} is not supported yet; use tensorboard or none (metrics.jsonl is always written)")
+        require(not self.torch_compile, "train.torch_compile", "is not supported yet; set train.torch_compile=false")
+        require(self.save_total_limit >= 0, "train.save_total_limit", f"must be >= 0 (0 keeps all), got {self.save_total_limit}")
+        require(self.nonfinite in NONFINITE, "train.nonfinite", f"'{self.nonfinite}' is not one of error, skip")
+        require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        require(self.ddp_timeout >= 1, "train.ddp_timeout", f"must be >= 1 second, got {self.ddp_timeout}")
+        require(self.ddp_backend in ("", *DDP_BACKENDS), "train.ddp_backend", f"'{self.ddp_backend}' is not one of gloo, nccl (or empty for the default)")
+        require(not (self.bf16 and self.fp16), "train.fp16", "bf16 and fp16 are both on; turn one off (train.fp16=false)")
+        evaluates = self.eval_strategy != "no"
+        require(evaluates or not self.load_best_model_at_end, "train.load_best_model_at_end", "needs evaluations; set train.eval_strategy=steps or epoch")
+        require(evaluates or self.early_stopping_patience == 0, "train.early_stopping_patience", "needs evaluations; set train.eval_strategy=steps or epoch")
+        require(self.early_stopping_patience >= 0, "train.early_stopping_patience", f"must be >= 0, got {self.early_stopping_patience}")
+        if self.load_best_model_at_end:
+            require(self.save_strategy == self.eval_strategy, "train.save_strategy", f"must equal train.eval_strategy ({self.eval_strategy}) when load_best_model_at_end")
+            eval_steps = self.eval_steps or self.logging_steps
+            require(
+                self.save_strategy != "steps" or self.save_steps % eval_steps == 0,
+                "train.save_steps",
+                f"{self.save_steps} is not a multiple of eval_steps {eval_steps} with load_best_model_at_end; set train.save_steps={eval_steps * max(1, round(self.save_steps / eval_steps))}",
+            )
+        require(self.eval_metric in EVAL_METRICS, "train.metric_for_best_model", f"'{self.metric_for_best_model}' is not produced by evaluation; use one of {', '.join(EVAL_METRICS)}")
+        # What an existing run directory means (launcher/rundir.py check_run_dir): each knob acts on one kind of start only.
+        require(not self.overwrite_output_dir or self.resume == "none", "train.overwrite_output_dir", f"applies to a fresh start only, but train.resume={self.resume}; set train.resume=none with it, or drop it to continue the run")
+        require(not self.resume_with_changed_config or self.resume != "none", "train.resume_with_changed_config", "applies to a resume only, but train.resume=none; drop it, or set train.resume=auto or a checkpoint path")
+
+    @property
+    def eval_metric(self) -> str:
+        """metric_for_best_model as evaluation names it (with its eval_ prefix)."""
+        return self.metric_for_best_model if self.metric_for_best_model.startswith("eval_") else f"eval_{self.metric_for_best_model}"
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
 
 @dataclass(kw_only=True)
 class RunConfig:
@@ -210,6 +372,23 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dry_run: bool = False
+
+    def check(self) -> None:
+        """Every rule that needs only the config: each group's own, then those across groups.
+        Rules that need the host, files or data: launcher/validate.py check_environment."""
+        check_values(self)
+        for group in (self.train, self.hw, self.optimizer, self.scheduler, self.strategy, self.model, self.data, self.cluster):
+            group.check()
+        m, d, t = self.model, self.data, self.train
+        if m._target_ == GPT_TARGET:
+            require(d.seq_len <= m.block_size, "data.seq_len", f"{d.seq_len} is longer than model.block_size={m.block_size}; lower data.seq_len or raise model.block_size")
+            byte_level = d.name in BYTE_LEVEL_DATASETS
+            require(not byte_level or m.vocab_size >= 256, "model.vocab_size", f"{m.vocab_size} is below 256, but data.{d.name} is byte-level; set model.vocab_size=256")
+        if d._target_:
+            require(d.num_samples > 0 or t.max_steps > 0, "data.num_samples", "a custom dataset needs data.num_samples (training samples) or train.max_steps to plan the run")
+        s = self.strategy
+        if s.is_deepspeed and self.optimizer.name in BITSANDBYTES and (s.offload_optimizer or s.offload_param):
+            raise ConfigError("optimizer", f"{self.optimizer.name} cannot be combined with ZeRO offload (DeepSpeed's CPU Adam runs the update); use optimizer=adamw")
 
 
 GROUPS: dict[str, type] = {

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from cluster.environment import EnvironmentVariableError, SlurmEnvironment, TorchrunEnvironment, expand_hostlist
-from cluster.slurm import job_info, shell_special
+from cluster.slurm import job_info
+from launcher.rules import shell_special
 from launcher.compose import compose
 from launcher.prepare import prepare
 from tests.conftest import ROOT, TINY, launcher_env

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from cluster.environment import Environment, detect_environment
-from launcher.deepspeed_config import is_deepspeed
 from launcher.schema import RunConfig
 
 log = logging.getLogger("ringleader")
@@ -126,7 +125,7 @@ def init_runtime(run_dir: Path, cfg: RunConfig, plan: dict) -> Runtime:
     group = None
     # One rank needs a process group too where something expects one: DeepSpeed's engine always
     # does (it fails at world size 1 without it), and on GPUs NCCL is then set up as for N ranks.
-    if env.world_size > 1 or cfg.hw.accelerator == "cuda" or is_deepspeed(cfg):
+    if env.world_size > 1 or cfg.hw.accelerator == "cuda" or cfg.strategy.is_deepspeed:
         timeout = datetime.timedelta(seconds=cfg.train.ddp_timeout)
         dist.init_process_group(backend=plan["backend"], timeout=timeout, device_id=device if device.type == "cuda" else None, **attempt_store(env, timeout))
         # Checkpoint collectives (and an asynchronous save's thread) use a gloo group of their own;

@@ -1,0 +1,34 @@
+"""Every list of names a config value must come from, defined once: schema checks, planner, backends
+and trainer all read them here. Imports nothing."""
+
+from __future__ import annotations
+
+# optimizer.name (TrainingArguments' `optim`). adamw is ringleader's historical name for adamw_torch.
+ADAMW = ("adamw", "adamw_torch", "adamw_torch_fused")
+BITSANDBYTES = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")  # CUDA only
+OPTIMIZERS = (*ADAMW, "sgd", "adafactor", *BITSANDBYTES)
+# scheduler.name (TrainingArguments' `lr_scheduler_type`), as trainer/optim.py builds them.
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt",
+    "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+)
+# strategy.name, and the ZeRO stage of each DeepSpeed one.
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+STRATEGIES = ("ddp", "fsdp", *ZERO_STAGES)
+# data.name of the datasets ringleader ships (a user's own sets data._target_).
+DATASETS = ("pystdlib", "text_files", "tokens_bin", "synthetic")
+BYTE_LEVEL_DATASETS = ("pystdlib", "text_files")
+TOKEN_BYTES = {"uint8": 1, "uint16": 2, "int32": 4}  # data.token_dtype -> bytes per token
+PRECISIONS = ("fp32", "bf16", "fp16")
+ACCELERATORS = ("cpu", "cuda")
+DDP_BACKENDS = ("gloo", "nccl")
+CLUSTERS = ("local", "slurm")  # cluster.name; cluster/backends.py maps each to its backend
+CONTAINER_RUNTIMES = ("pyxis", "apptainer")
+INTERVALS = ("no", "steps", "epoch")  # eval_strategy, save_strategy
+NONFINITE = ("error", "skip")
+# What evaluation produces, so what metric_for_best_model may name (early stopping and best-model
+# tracking would silently never fire on a metric that never appears).
+EVAL_METRICS = ("eval_loss",)
+# train.report_to values the metrics logger really writes to; anything else would be accepted and ignored.
+TRACKERS = ("tensorboard", "none")
+GPT_TARGET = "trainer.model.GPT"  # the built-in model, whose fields the schema checks
