@@ -100,3 +100,43 @@ def test_the_data_tells_a_per_micro_batch_mean_from_the_token_mean():
     exact = grad(lambda: summed_cross_entropy(model(whole["input_ids"]), whole["labels"]) / (whole["labels"] != -100).sum())
     naive = grad(lambda: sum(model(b["input_ids"], b["labels"]) for b in micro) / len(micro))
     assert float((LR * (exact - naive)).abs().max()) > 1e-4
+
+
+def test_the_model_call_contract_for_transformers_logits_and_mean_models(monkeypatch):
+    """trainer/model_io.py in one process: a transformers causal LM is called without labels and
+    its summed loss over the aligned labels equals transformers' own (shifting) mean x count; a
+    model returning logits and one returning the mean give the same sum; tuples and dicts collate
+    to the same batch."""
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(key, "1")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.model_io import loss_sum_and_count
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    ids = torch.randint(0, 256, (2, 10))
+    aligned = torch.full_like(ids, -100)
+    aligned[:, :-1] = ids[:, 1:]
+    aligned[0, :4] = -100  # a masked prompt
+    total, count = loss_sum_and_count(llama, {"input_ids": ids, "labels": aligned, "attention_mask": torch.ones_like(ids)})
+    unshifted = torch.full_like(ids, -100)
+    unshifted[:, 1:] = aligned[:, :-1]  # what transformers shifts itself
+    assert int(count) == 14
+    assert float(total) == pytest.approx(float(llama(input_ids=ids, labels=unshifted).loss) * 14, rel=1e-5)
+
+    gpt = GPT(**GPT_ARGS)
+    batch = collate([(ids[i], aligned[i]) for i in range(2)])
+    assert torch.equal(batch["input_ids"], ids) and torch.equal(collate([{"input_ids": ids[i], "labels": aligned[i]} for i in range(2)])["labels"], aligned)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt = gpt
+
+        def forward(self, input_ids, labels):
+            return self.gpt(input_ids)
+
+    mean_sum, _ = loss_sum_and_count(gpt, batch)
+    logits_sum, _ = loss_sum_and_count(Logits(), batch)
+    assert float(mean_sum) == pytest.approx(float(logits_sum), rel=1e-5)
