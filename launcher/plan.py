@@ -1,28 +1,29 @@
-"""From a validated config to a plan: the derived values and the exact command. Pure: no I/O but
-reading dataset sizes, no processes, no files written."""
+"""The plan: every value derived once, in the launcher (launcher/planner.py), printed, saved as
+plan.json in the run directory and read back by every rank with `read_plan`. Typed, versioned,
+and imports nothing heavy: the bottom of the import graph, with the schema."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from cluster.environment import Host
 from launcher.errors import ConfigError
-from launcher.deepspeed_config import deepspeed_config
-from launcher.memory import plan_memory
-from launcher.schema import HwConfig, RunConfig
-from trainer import corpus
+
+PLAN_FILE = "plan.json"
+# Raised whenever a field is added, removed or changes its meaning: ranks refuse a plan.json of
+# another version instead of misreading it (a SLURM requeue after an upgrade, say).
+PLAN_VERSION = 1
 
 
 @dataclass(kw_only=True)
 class Plan:
     """Everything derived once, in the launcher: printed, saved as plan.json, read by every rank."""
 
+    version: int = PLAN_VERSION
     run_dir: str
     cluster: str
     nodes: int
@@ -50,8 +51,23 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     deepspeed: dict = field(default_factory=dict)  # the derived DeepSpeed config, zero* strategies
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "plan.json") -> Plan:
+        """The plan as the launcher wrote it; one of another version (or shape) is refused."""
+        version = data.get("version") if isinstance(data, dict) else None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if version != PLAN_VERSION or set(data) != names:
+            raise ConfigError(source, f"is a plan of version {version!r}, this ringleader reads version {PLAN_VERSION}; start the run again with python -m launcher (same train.output_dir) to rewrite it")
+        return cls(**data)
+
+    def __eq__(self, other: object) -> bool:
+        """A plan equals another with the same fields, and the dict it is saved as (plan.json)."""
+        if isinstance(other, dict):
+            return self.to_dict() == other
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
 
     @property
     def command_line(self) -> str:
@@ -59,120 +75,11 @@ class Plan:
         return f"{env} {shlex.join(self.command)}".strip()
 
 
-def resolve_hw(hw: HwConfig, host: Host) -> HwConfig:
-    """`auto` describes this machine: its GPUs if it has any, else CPU ranks."""
-    if hw.name != "auto" and hw.accelerator != "auto":
-        cpus = hw.cpus_per_node or host.cpus
-        return dataclasses.replace(hw, cpus_per_node=cpus)
-    if host.gpus > 0:
-        return dataclasses.replace(hw, name=f"auto ({host.gpus} GPU)", accelerator="cuda", gpus_per_node=host.gpus, bf16=True, cpus_per_node=host.cpus)
-    return dataclasses.replace(hw, name="auto (CPU)", accelerator="cpu", gpus_per_node=0, bf16=True, cpus_per_node=host.cpus)
-
-
-def processes_per_node(cfg: RunConfig) -> int:
-    if cfg.cluster.nproc_per_node:
-        return cfg.cluster.nproc_per_node
-    return cfg.hw.gpus_per_node if cfg.hw.accelerator == "cuda" else cfg.hw.cpu_ranks
-
-
-def count_samples(cfg: RunConfig, split: str) -> int:
-    if cfg.data._target_:
-        return cfg.data.num_samples if split == "train" else 0
+def read_plan(run_dir: Path) -> Plan:
+    """plan.json of `run_dir`, as the launcher wrote it."""
+    path = Path(run_dir) / PLAN_FILE
     try:
-        return corpus.num_samples(cfg.data, split)
-    except OSError as exc:
-        raise ConfigError("data.paths", f"cannot read the dataset ({exc}); check data.paths") from exc
-
-
-def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
-    t = cfg.train
-    nproc = processes_per_node(cfg)
-    world = cfg.cluster.nodes * nproc
-    effective = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
-    train_samples = count_samples(cfg, "train")
-    eval_samples = count_samples(cfg, "validation")
-    steps_per_epoch = train_samples // effective
-    if steps_per_epoch == 0 and not (cfg.data._target_ and t.max_steps > 0):
-        raise ConfigError(
-            "train.per_device_train_batch_size",
-            f"the dataset has {train_samples} training samples, fewer than one effective batch of {effective}; "
-            "lower the batch or accumulation, or use more data (data.max_bytes)",
-        )
-    if t.eval_strategy != "no" and eval_samples < world:
-        raise ConfigError("data.validation_fraction", f"the validation split has {eval_samples} samples for {world} ranks; raise data.validation_fraction or set train.eval_strategy=no")
-    if t.max_steps > 0:
-        total = t.max_steps
-    else:
-        total = math.ceil(t.num_train_epochs * steps_per_epoch)  # as transformers' Trainer
-    warmup = cfg.scheduler.warmup_steps if cfg.scheduler.warmup_steps > 0 else math.ceil(total * cfg.scheduler.warmup_ratio)
-    backend = t.ddp_backend or ("nccl" if cfg.hw.accelerator == "cuda" else "gloo")
-    threads = max(1, cfg.hw.cpus_per_node // nproc) if cfg.hw.accelerator == "cpu" else max(1, min(8, cfg.hw.cpus_per_node // max(1, nproc)))
-    env = {"OMP_NUM_THREADS": str(threads), **cfg.hw.nccl_env}
-    plan = Plan(
-        run_dir=str(run_dir),
-        cluster=cfg.cluster.name,
-        nodes=cfg.cluster.nodes,
-        nproc_per_node=nproc,
-        world_size=world,
-        accelerator=cfg.hw.accelerator,
-        backend=backend,
-        threads_per_rank=threads,
-        strategy=cfg.strategy.name,
-        precision=t.precision,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        effective_batch_size=effective,
-        train_samples=train_samples,
-        eval_samples=eval_samples,
-        steps_per_epoch=steps_per_epoch,
-        num_train_epochs=(total / steps_per_epoch) if steps_per_epoch else 0.0,
-        total_steps=total,
-        warmup_steps=warmup,
-        tokens_per_step=effective * cfg.data.seq_len,
-        env=env,
-    )
-    if cfg.strategy.is_deepspeed:
-        plan.deepspeed = deepspeed_config(cfg, world_size=world)
-    plan.memory, memory_warnings = plan_memory(cfg, world_size=world)
-    plan.warnings.extend(memory_warnings)
-    if cfg.cluster.name == "local":
-        from cluster.local import torchrun_command
-
-        plan.command = torchrun_command(cfg, plan, python=sys.executable)
-    else:
-        from cluster.slurm import render_job
-
-        plan.command, plan.script = render_job(cfg, plan, python=sys.executable)
-    return plan
-
-
-def format_gb(gb: float) -> str:
-    return f"{gb:.3g} GB" if gb >= 0.1 else f"{gb * 1e3:.3g} MB"
-
-
-def render_plan(plan: Plan, cfg: RunConfig) -> str:
-    """The plan as a person reads it, printed before every launch."""
-    rows = [
-        ("run directory", plan.run_dir),
-        ("where", f"{plan.cluster}: {plan.nodes} node(s) x {plan.nproc_per_node} process(es) = world size {plan.world_size}"),
-        ("hardware", f"{cfg.hw.name}: {plan.accelerator}, {plan.backend}, {plan.threads_per_rank} thread(s) per rank"),
-        ("model / data", f"{cfg.model.name} / {cfg.data.name} (seq_len {cfg.data.seq_len})"),
-        ("strategy", f"{plan.strategy}, {plan.precision}" + (", gradient checkpointing" if cfg.train.gradient_checkpointing else "")),
-        ("batch", f"{plan.per_device_train_batch_size} per device x {plan.world_size} ranks x {plan.gradient_accumulation_steps} accumulation = {plan.effective_batch_size} effective ({plan.tokens_per_step} tokens/step)"),
-        ("samples", f"{plan.train_samples} train, {plan.eval_samples} validation"),
-        ("steps", f"{plan.steps_per_epoch} per epoch, {plan.total_steps} total ({plan.num_train_epochs:.3g} epochs), warmup {plan.warmup_steps}"),
-        ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g}, {cfg.scheduler.name} schedule"),
-    ]
-    if plan.memory:
-        mem = dict(plan.memory)
-        count = mem.pop("num_parameters", 0.0)
-        rows.append(("memory/rank", f"{count / 1e6:.4g} M parameters; " + ", ".join(f"{k.replace('_', ' ')} {format_gb(v)}" for k, v in mem.items())))
-    width = max(len(k) for k, _ in rows)
-    lines = ["ringleader plan"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
-    lines += [f"  warning: {w}" for w in plan.warnings]
-    lines.append(f"  command  {plan.command_line}")
-    if plan.deepspeed:
-        lines += ["  deepspeed config:", *("    " + line for line in json.dumps(plan.deepspeed, indent=2).splitlines())]
-    if plan.script:
-        lines += ["  sbatch script:", *("    " + line for line in plan.script.splitlines())]
-    return "\n".join(lines)
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(path), f"cannot read it ({' '.join(str(exc).split())}); start the run with python -m launcher, which writes it") from exc
+    return Plan.from_dict(data, source=str(path))

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cluster.environment import describe_host
 from launcher.compose import Composed
-from launcher.plan import Plan, plan_run, render_plan, resolve_hw
+from launcher.plan import Plan
+from launcher.planner import plan_run, render_plan, resolve_hw
 from launcher.schema import RunConfig
 from launcher.validate import check_environment
 

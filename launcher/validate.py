@@ -23,7 +23,7 @@ BEFORE_A_RUN = {".hydra"}
 
 
 def check_environment(cfg: RunConfig, host: Host, environ: Mapping[str, str] | None = None) -> None:
-    """`cfg` has its hardware resolved (launcher/plan.py resolve_hw) and its paths made absolute."""
+    """`cfg` has its hardware resolved (launcher/planner.py resolve_hw) and its paths made absolute."""
     check_files(cfg)
     check_hardware(cfg, host)
     if cfg.cluster.name == "slurm":

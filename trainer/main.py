@@ -46,7 +46,7 @@ def main(run_dir: Path) -> int:
         if cfg.model.init_from:  # warm start, before any wrapping: works from any strategy and world size
             model.load_state_dict(load_file(cfg.model.init_from))
         strategy = build_strategy(cfg.strategy.name, cfg=cfg, device=rt.device)
-        strategy.setup(model, total_steps=plan["total_steps"], warmup_steps=plan["warmup_steps"])
+        strategy.setup(model, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps)
         torch.manual_seed(t.seed + rt.rank)  # dropout differs across ranks
         train_set = build_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size, seed=t.seed)
         eval_set = build_dataset(cfg.data, "validation", vocab_size=cfg.model.vocab_size, seed=t.seed) if t.eval_strategy != "no" else None
@@ -72,7 +72,7 @@ def main(run_dir: Path) -> int:
             if t.resume_with_changed_config:  # the new values apply from the restored step on
                 apply_new_config(strategy, cfg)
             log.info("resumed from %s at step %d (epoch %d, %d samples into it)", resume_from, state.step, state.epoch, state.consumed)
-        metrics = MetricsLogger(run_dir, enabled=rt.is_main, total_steps=plan["total_steps"], tensorboard_dir=t.logging_dir, report_to=t.report_to, start_step=state.step)
+        metrics = MetricsLogger(run_dir, enabled=rt.is_main, total_steps=plan.total_steps, tensorboard_dir=t.logging_dir, report_to=t.report_to, start_step=state.step)
         if resume_from:
             metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resume_from)})
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import signal
@@ -16,17 +15,17 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from cluster.environment import Environment, detect_environment
+from launcher.plan import Plan, read_plan
 from launcher.schema import RunConfig
 
 log = logging.getLogger("ringleader")
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, dict]:
+def load_run(run_dir: Path) -> tuple[RunConfig, Plan]:
     """The config every rank reads: config.yaml typed against the schema, and plan.json."""
     schema = OmegaConf.structured(RunConfig)
     cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(run_dir / "config.yaml")))
-    plan = json.loads((run_dir / "plan.json").read_text())
-    return cfg, plan
+    return cfg, read_plan(run_dir)
 
 
 @dataclass
@@ -110,7 +109,7 @@ def attempt_store(env: Environment, timeout: datetime.timedelta) -> dict:
     return {"store": dist.PrefixStore(f"ringleader/restart-{env.restart_count}", store), "rank": env.rank, "world_size": env.world_size}
 
 
-def init_runtime(run_dir: Path, cfg: RunConfig, plan: dict) -> Runtime:
+def init_runtime(run_dir: Path, cfg: RunConfig, plan: Plan) -> Runtime:
     env = detect_environment()
     setup_logging(run_dir, env.rank)
     if cfg.hw.accelerator == "cuda":
@@ -118,7 +117,7 @@ def init_runtime(run_dir: Path, cfg: RunConfig, plan: dict) -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(int(plan.get("threads_per_rank", 1)))
+        torch.set_num_threads(plan.threads_per_rank)
     stop = StopRequest()
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(s, stop)
@@ -127,7 +126,7 @@ def init_runtime(run_dir: Path, cfg: RunConfig, plan: dict) -> Runtime:
     # does (it fails at world size 1 without it), and on GPUs NCCL is then set up as for N ranks.
     if env.world_size > 1 or cfg.hw.accelerator == "cuda" or cfg.strategy.is_deepspeed:
         timeout = datetime.timedelta(seconds=cfg.train.ddp_timeout)
-        dist.init_process_group(backend=plan["backend"], timeout=timeout, device_id=device if device.type == "cuda" else None, **attempt_store(env, timeout))
+        dist.init_process_group(backend=plan.backend, timeout=timeout, device_id=device if device.type == "cuda" else None, **attempt_store(env, timeout))
         # Checkpoint collectives (and an asynchronous save's thread) use a gloo group of their own;
         # after a collective timed out on the default group, it still works to name the stalled rank.
         group = dist.new_group(backend="gloo", timeout=timeout)

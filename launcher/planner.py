@@ -1,0 +1,137 @@
+"""From a validated config to a plan (launcher/plan.py): the derived values and the exact command.
+Pure: no I/O but reading dataset sizes, no processes, no files written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+from cluster.environment import Host
+from launcher.errors import ConfigError
+from launcher.deepspeed_config import deepspeed_config
+from launcher.memory import plan_memory
+from launcher.plan import Plan
+from launcher.schema import HwConfig, RunConfig
+from trainer import corpus
+
+
+def resolve_hw(hw: HwConfig, host: Host) -> HwConfig:
+    """`auto` describes this machine: its GPUs if it has any, else CPU ranks."""
+    if hw.name != "auto" and hw.accelerator != "auto":
+        cpus = hw.cpus_per_node or host.cpus
+        return dataclasses.replace(hw, cpus_per_node=cpus)
+    if host.gpus > 0:
+        return dataclasses.replace(hw, name=f"auto ({host.gpus} GPU)", accelerator="cuda", gpus_per_node=host.gpus, bf16=True, cpus_per_node=host.cpus)
+    return dataclasses.replace(hw, name="auto (CPU)", accelerator="cpu", gpus_per_node=0, bf16=True, cpus_per_node=host.cpus)
+
+
+def processes_per_node(cfg: RunConfig) -> int:
+    if cfg.cluster.nproc_per_node:
+        return cfg.cluster.nproc_per_node
+    return cfg.hw.gpus_per_node if cfg.hw.accelerator == "cuda" else cfg.hw.cpu_ranks
+
+
+def count_samples(cfg: RunConfig, split: str) -> int:
+    if cfg.data._target_:
+        return cfg.data.num_samples if split == "train" else 0
+    try:
+        return corpus.num_samples(cfg.data, split)
+    except OSError as exc:
+        raise ConfigError("data.paths", f"cannot read the dataset ({exc}); check data.paths") from exc
+
+
+def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
+    t = cfg.train
+    nproc = processes_per_node(cfg)
+    world = cfg.cluster.nodes * nproc
+    effective = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
+    train_samples = count_samples(cfg, "train")
+    eval_samples = count_samples(cfg, "validation")
+    steps_per_epoch = train_samples // effective
+    if steps_per_epoch == 0 and not (cfg.data._target_ and t.max_steps > 0):
+        raise ConfigError(
+            "train.per_device_train_batch_size",
+            f"the dataset has {train_samples} training samples, fewer than one effective batch of {effective}; "
+            "lower the batch or accumulation, or use more data (data.max_bytes)",
+        )
+    if t.eval_strategy != "no" and eval_samples < world:
+        raise ConfigError("data.validation_fraction", f"the validation split has {eval_samples} samples for {world} ranks; raise data.validation_fraction or set train.eval_strategy=no")
+    if t.max_steps > 0:
+        total = t.max_steps
+    else:
+        total = math.ceil(t.num_train_epochs * steps_per_epoch)  # as transformers' Trainer
+    warmup = cfg.scheduler.warmup_steps if cfg.scheduler.warmup_steps > 0 else math.ceil(total * cfg.scheduler.warmup_ratio)
+    backend = t.ddp_backend or ("nccl" if cfg.hw.accelerator == "cuda" else "gloo")
+    threads = max(1, cfg.hw.cpus_per_node // nproc) if cfg.hw.accelerator == "cpu" else max(1, min(8, cfg.hw.cpus_per_node // max(1, nproc)))
+    env = {"OMP_NUM_THREADS": str(threads), **cfg.hw.nccl_env}
+    plan = Plan(
+        run_dir=str(run_dir),
+        cluster=cfg.cluster.name,
+        nodes=cfg.cluster.nodes,
+        nproc_per_node=nproc,
+        world_size=world,
+        accelerator=cfg.hw.accelerator,
+        backend=backend,
+        threads_per_rank=threads,
+        strategy=cfg.strategy.name,
+        precision=t.precision,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        effective_batch_size=effective,
+        train_samples=train_samples,
+        eval_samples=eval_samples,
+        steps_per_epoch=steps_per_epoch,
+        num_train_epochs=(total / steps_per_epoch) if steps_per_epoch else 0.0,
+        total_steps=total,
+        warmup_steps=warmup,
+        tokens_per_step=effective * cfg.data.seq_len,
+        env=env,
+    )
+    if cfg.strategy.is_deepspeed:
+        plan.deepspeed = deepspeed_config(cfg, world_size=world)
+    plan.memory, memory_warnings = plan_memory(cfg, world_size=world)
+    plan.warnings.extend(memory_warnings)
+    if cfg.cluster.name == "local":
+        from cluster.local import torchrun_command
+
+        plan.command = torchrun_command(cfg, plan, python=sys.executable)
+    else:
+        from cluster.slurm import render_job
+
+        plan.command, plan.script = render_job(cfg, plan, python=sys.executable)
+    return plan
+
+
+def format_gb(gb: float) -> str:
+    return f"{gb:.3g} GB" if gb >= 0.1 else f"{gb * 1e3:.3g} MB"
+
+
+def render_plan(plan: Plan, cfg: RunConfig) -> str:
+    """The plan as a person reads it, printed before every launch."""
+    rows = [
+        ("run directory", plan.run_dir),
+        ("where", f"{plan.cluster}: {plan.nodes} node(s) x {plan.nproc_per_node} process(es) = world size {plan.world_size}"),
+        ("hardware", f"{cfg.hw.name}: {plan.accelerator}, {plan.backend}, {plan.threads_per_rank} thread(s) per rank"),
+        ("model / data", f"{cfg.model.name} / {cfg.data.name} (seq_len {cfg.data.seq_len})"),
+        ("strategy", f"{plan.strategy}, {plan.precision}" + (", gradient checkpointing" if cfg.train.gradient_checkpointing else "")),
+        ("batch", f"{plan.per_device_train_batch_size} per device x {plan.world_size} ranks x {plan.gradient_accumulation_steps} accumulation = {plan.effective_batch_size} effective ({plan.tokens_per_step} tokens/step)"),
+        ("samples", f"{plan.train_samples} train, {plan.eval_samples} validation"),
+        ("steps", f"{plan.steps_per_epoch} per epoch, {plan.total_steps} total ({plan.num_train_epochs:.3g} epochs), warmup {plan.warmup_steps}"),
+        ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g}, {cfg.scheduler.name} schedule"),
+    ]
+    if plan.memory:
+        mem = dict(plan.memory)
+        count = mem.pop("num_parameters", 0.0)
+        rows.append(("memory/rank", f"{count / 1e6:.4g} M parameters; " + ", ".join(f"{k.replace('_', ' ')} {format_gb(v)}" for k, v in mem.items())))
+    width = max(len(k) for k, _ in rows)
+    lines = ["ringleader plan"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    lines += [f"  warning: {w}" for w in plan.warnings]
+    lines.append(f"  command  {plan.command_line}")
+    if plan.deepspeed:
+        lines += ["  deepspeed config:", *("    " + line for line in json.dumps(plan.deepspeed, indent=2).splitlines())]
+    if plan.script:
+        lines += ["  sbatch script:", *("    " + line for line in plan.script.splitlines())]
+    return "\n".join(lines)
