@@ -29,6 +29,6 @@ NONFINITE = ("error", "skip")
 # What evaluation produces, so what metric_for_best_model may name (early stopping and best-model
 # tracking would silently never fire on a metric that never appears).
 EVAL_METRICS = ("eval_loss",)
-# train.report_to values the metrics logger really writes to; anything else would be accepted and ignored.
-TRACKERS = ("tensorboard", "none")
+# train.report_to trackers ringleader really writes to (also: all, none); anything else is refused.
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 GPT_TARGET = "trainer.model.GPT"  # the built-in model, whose fields the schema checks

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 from launcher.errors import ConfigError
 from launcher.registry import (
     ACCELERATORS, BITSANDBYTES, BYTE_LEVEL_DATASETS, CLUSTERS, CONTAINER_RUNTIMES, DATASETS, DDP_BACKENDS, EVAL_METRICS, GPT_TARGET,
-    INTERVALS, NONFINITE, OPTIMIZERS, SCHEDULERS, STRATEGIES, TOKEN_BYTES, TRACKERS, ZERO_STAGES,
+    INTERVALS, NONFINITE, OPTIMIZERS, SCHEDULERS, STRATEGIES, TOKEN_BYTES, ZERO_STAGES,
 )
 from launcher.rules import DOTTED_PATH, check_extra_option, check_signal_delay, check_values, check_variable_names, require, setup_words
 
@@ -81,15 +81,27 @@ class StrategyConfig:
 class OptimizerConfig:
     """The optimizer; its name is TrainingArguments' `optim`."""
 
-    name: str = "adamw"  # adamw | sgd | paged_adamw_32bit | paged_adamw_8bit
+    name: str = "adamw"  # launcher/registry.py OPTIMIZERS; adamw_torch_fused is Trainer's default
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     momentum: float = 0.0  # sgd
+    # Trainer's optim_args: "k=v,k=v", the options of the chosen optimizer that have no field here
+    # (trainer/optim.py OPTIM_ARGS lists them; an unknown one is refused).
+    optim_args: str = ""
 
     def check(self) -> None:
+        from trainer.optim import OptionError, parse_optim_args  # tables only: no torch
+
+        try:
+            parse_optim_args(self.name, self.optim_args)
+        except OptionError as exc:
+            raise ConfigError(f"optimizer.{exc.key}", exc.message) from None
+        if self.name == "adafactor":  # Adafactor has no Adam moments: a changed value would be ignored
+            for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-8)):
+                require(getattr(self, key) == default, f"optimizer.{key}", f"is not used by adafactor; drop it (Adafactor's own options, e.g. beta1 or decay_rate, go in optimizer.optim_args)")
         require(self.name in OPTIMIZERS, "optimizer.name", f"unknown optimizer '{self.name}'; choose one of {', '.join(OPTIMIZERS)}")
         require(self.learning_rate > 0, "optimizer.learning_rate", f"must be > 0, got {self.learning_rate}; set e.g. optimizer.learning_rate=3e-4")
         require(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -108,12 +120,25 @@ class SchedulerConfig:
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
     warmup_ratio: float = 0.0
     num_cycles: float = 0.5  # cosine: half a wave, as in transformers
+    # Trainer's lr_scheduler_kwargs: the chosen schedule's own arguments (min_lr or min_lr_rate,
+    # num_decay_steps, lr_end and power, timescale, ...; trainer/optim.py SCHEDULE_KWARGS), checked
+    # here, unknown keys refused. num_cycles is the field above.
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         require(self.name in SCHEDULERS, "scheduler.name", f"unknown schedule '{self.name}'; choose one of {', '.join(SCHEDULERS)}")
+        self.check_kwargs(learning_rate=float("inf"))  # the rules against the rate: RunConfig.check
         require(self.warmup_steps >= 0, "scheduler.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(self.num_cycles > 0, "scheduler.num_cycles", f"must be > 0, got {self.num_cycles}")
         require(0 <= self.warmup_ratio <= 1, "scheduler.warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}")
+
+    def check_kwargs(self, *, learning_rate: float) -> None:
+        from trainer.optim import OptionError, schedule_kwargs  # tables only: no torch
+
+        try:
+            schedule_kwargs(self.name, self.lr_scheduler_kwargs, learning_rate=learning_rate)
+        except OptionError as exc:
+            raise ConfigError(f"scheduler.{exc.key}", exc.message) from None
 
 
 @dataclass(kw_only=True)
@@ -283,7 +308,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     logging_dir: str = ""  # "": <output_dir>/tensorboard
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # Trainer's report_to: a name or a list of tensorboard, wandb, mlflow; all; none (trainer/trackers.py).
+    report_to: Any = field(default_factory=lambda: ["tensorboard"])
+    run_name: str = ""  # the tracker run's name; "": the run directory's name
     ddp_backend: str = ""  # "": nccl on GPUs, gloo on CPU
     ddp_timeout: int = 1800  # seconds a collective may wait before the job ends
     resume: str = "auto"  # auto | none | a checkpoint path
@@ -323,8 +350,12 @@ class TrainConfig:
         require(self.save_strategy != "steps" or self.save_steps >= 1, "train.save_steps", f"must be >= 1 with save_strategy=steps, got {self.save_steps}")
         require(self.eval_max_batches >= 0, "train.eval_max_batches", f"must be >= 0 (0: the whole validation split), got {self.eval_max_batches}")
         require(self.early_stopping_threshold >= 0, "train.early_stopping_threshold", f"must be >= 0, got {self.early_stopping_threshold}")
-        unknown = [r for r in self.report_to if r not in TRACKERS]
-        require(not unknown, "train.report_to", f"{unknown[0] if unknown else ''} is not supported yet; use tensorboard or none (metrics.jsonl is always written)")
+        from trainer.trackers import TrackerError, resolve_report_to  # no wandb or mlflow import
+
+        try:
+            resolve_report_to(self.report_to, installed_only=False)
+        except TrackerError as exc:
+            raise ConfigError("train.report_to", str(exc)) from None
         require(not self.torch_compile, "train.torch_compile", "is not supported yet; set train.torch_compile=false")
         require(self.save_total_limit >= 0, "train.save_total_limit", f"must be >= 0 (0 keeps all), got {self.save_total_limit}")
         require(self.nonfinite in NONFINITE, "train.nonfinite", f"'{self.nonfinite}' is not one of error, skip")
@@ -386,6 +417,7 @@ class RunConfig:
             require(not byte_level or m.vocab_size >= 256, "model.vocab_size", f"{m.vocab_size} is below 256, but data.{d.name} is byte-level; set model.vocab_size=256")
         if d._target_:
             require(d.num_samples > 0 or t.max_steps > 0, "data.num_samples", "a custom dataset needs data.num_samples (training samples) or train.max_steps to plan the run")
+        self.scheduler.check_kwargs(learning_rate=self.optimizer.learning_rate)  # min_lr, lr_end against the rate
         s = self.strategy
         if s.is_deepspeed and self.optimizer.name in BITSANDBYTES and (s.offload_optimizer or s.offload_param):
             raise ConfigError("optimizer", f"{self.optimizer.name} cannot be combined with ZeRO offload (DeepSpeed's CPU Adam runs the update); use optimizer=adamw")

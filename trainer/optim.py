@@ -97,7 +97,7 @@ def schedule_kwargs(name: str, given: dict[str, Any] | None, *, learning_rate: f
             out[key] = default
     if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         if out["min_lr"] is not None and out["min_lr_rate"] is not None:
-            raise OptionError("lr_scheduler_kwargs.min_lr", "and min_lr_rate are both set; keep one")
+            raise OptionError("lr_scheduler_kwargs.min_lr", "and min_lr_rate are both set; keep one (~scheduler.lr_scheduler_kwargs.min_lr_rate drops the group file's)")
         if out["min_lr"] is None and out["min_lr_rate"] is None:
             raise OptionError("lr_scheduler_kwargs", f"the {name} schedule needs min_lr or min_lr_rate; set e.g. +scheduler.lr_scheduler_kwargs.min_lr_rate=0.1")
         if out["min_lr"] is not None:
@@ -116,7 +116,7 @@ def schedule_kwargs(name: str, given: dict[str, Any] | None, *, learning_rate: f
         raise OptionError("lr_scheduler_kwargs.timescale", f"must be >= 1 step, got {out['timescale']}")
     if name == "warmup_stable_decay":
         if out["num_decay_steps"] is None:
-            raise OptionError("lr_scheduler_kwargs.num_decay_steps", "is required by warmup_stable_decay; set e.g. +scheduler.lr_scheduler_kwargs.num_decay_steps=100")
+            raise OptionError("lr_scheduler_kwargs.num_decay_steps", "is required by warmup_stable_decay; set e.g. scheduler.lr_scheduler_kwargs.num_decay_steps=100")
         if out["num_decay_steps"] < 0:
             raise OptionError("lr_scheduler_kwargs.num_decay_steps", f"must be >= 0, got {out['num_decay_steps']}")
         if out["num_stable_steps"] is not None and out["num_stable_steps"] < 0:

@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher.registry import TRACKERS  # tensorboard, wandb, mlflow
+
 log = logging.getLogger("ringleader")
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
 STATE_FILE = "trackers.json"
 
 
@@ -82,7 +83,7 @@ def read_state(run_dir: Path) -> dict[str, Any]:
 
 
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    from launcher.rundir import atomic_write  # fsynced, then renamed: the id survives a crash
+    from launcher.files import atomic_write  # fsynced, then renamed: the id survives a crash
 
     atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
