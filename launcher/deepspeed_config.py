@@ -49,7 +49,7 @@ def optimizer_section(cfg: RunConfig) -> dict[str, Any] | None:
     torch_adam: PyTorch's AdamW, the same update as DDP and FSDP (DeepSpeed's FusedAdam needs
     CUDA). With offload the update runs in DeepSpeed's CPU Adam, built by JIT the first time."""
     o = cfg.optimizer
-    if o.name == "adamw":
+    if o.name in ("adamw", "adamw_torch"):
         params: dict[str, Any] = {"lr": o.learning_rate, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_epsilon, "weight_decay": o.weight_decay}
         if not cfg.strategy.offload_optimizer:
             params["torch_adam"] = True

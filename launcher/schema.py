@@ -419,7 +419,8 @@ class RunConfig:
             require(d.num_samples > 0 or t.max_steps > 0, "data.num_samples", "a custom dataset needs data.num_samples (training samples) or train.max_steps to plan the run")
         self.scheduler.check_kwargs(learning_rate=self.optimizer.learning_rate)  # min_lr, lr_end against the rate
         s = self.strategy
-        if s.is_deepspeed and self.optimizer.name in BITSANDBYTES and (s.offload_optimizer or s.offload_param):
+        # Offload runs the update in DeepSpeed's CPU Adam: an optimizer ringleader builds itself cannot go there.
+        if s.is_deepspeed and self.optimizer.name in (*BITSANDBYTES, "adamw_torch_fused", "adafactor") and (s.offload_optimizer or s.offload_param):
             raise ConfigError("optimizer", f"{self.optimizer.name} cannot be combined with ZeRO offload (DeepSpeed's CPU Adam runs the update); use optimizer=adamw")
 
 
