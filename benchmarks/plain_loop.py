@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from launcher.schema import DataConfig
-from trainer import corpus
+from launcher import corpus
 from trainer.data import TokenWindows
 from trainer.model import GPT
 

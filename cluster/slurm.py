@@ -39,7 +39,7 @@ from pathlib import Path
 
 from launcher.errors import ConfigError
 from launcher.rules import setup_words
-from launcher.rundir import atomic_write
+from launcher.files import atomic_write
 from launcher.schema import RunConfig
 
 SCRIPT_NAME = "job.sbatch"
@@ -297,7 +297,7 @@ def job_info(job_id: str) -> dict[str, str]:
 def follow(run_dir: Path, job_id: str, *, poll_s: float = 1.0) -> int:
     """Print rank 0's log as it grows until the job is over (requeues included). Exit code: 0 when
     result.json says completed (or early_stopped)."""
-    from launcher.rundir import print_appended
+    from launcher.files import print_appended
 
     log = run_dir / "logs" / "rank-0.log"
     offset = 0
@@ -319,18 +319,6 @@ def follow(run_dir: Path, job_id: str, *, poll_s: float = 1.0) -> int:
     status = json.loads(result_path.read_text()).get("status") if result_path.exists() else None
     print(f"ringleader: job {job_id} ended {state or 'gone'}; result {status or 'missing'}; run directory {run_dir}", flush=True)
     return 0 if status in ("completed", "early_stopped") else 1
-
-
-def stop_status(result: dict, *, signal_name: str, job_id: str, restarts: int, max_requeues: int) -> dict:
-    """Rank 0, at the end of a SLURM job's start: after USR2, ask the batch script for a requeue
-    while the job has been restarted (SLURM_RESTART_COUNT) fewer than max_requeues times; at the
-    cap, say so in the status."""
-    if result.get("status") != "stopped" or signal_name != "SIGUSR2" or not job_id:
-        return result
-    if restarts < max_requeues:
-        return {**result, "requeue": True, "restarts": restarts}
-    return {**result, "status": "requeue_limit", "requeue": False, "restarts": restarts,
-            "message": f"stopped by the time limit signal after {restarts} requeue(s), cluster.max_requeues={max_requeues}; rerun the same command to continue"}
 
 
 # -- `srun python -m launcher ...` by hand, inside an allocation ----------------------------------

@@ -15,7 +15,7 @@ from launcher.deepspeed_config import deepspeed_config
 from launcher.memory import plan_memory
 from launcher.plan import Plan
 from launcher.schema import HwConfig, RunConfig
-from trainer import corpus
+from launcher import corpus
 
 
 def resolve_hw(hw: HwConfig, host: Host) -> HwConfig:

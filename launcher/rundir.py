@@ -15,14 +15,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError
-from trainer.durable import fsync_dir
+from launcher.files import atomic_write, read_json
 
 LOCK_FILE = ".lock"
 STEP_DIR = re.compile(r"^step-\d+$")
@@ -38,19 +37,6 @@ def write_run_dir(run_dir: Path, resolved: DictConfig, plan_dict: dict) -> None:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     atomic_write(run_dir / "plan.json", json.dumps(plan_dict, indent=2) + "\n")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text`, durably: the file is fsynced before the rename and the folder
-    after it, so a crash (or power loss) leaves the old file or the new one, never an empty one.
-    Used by the trainer too (result.json): no torch here."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # -- may this launch use the run directory? (reads only) ------------------------------------------
@@ -219,24 +205,3 @@ def clear_earlier_run(run_dir: Path) -> None:
                 print(f"ringleader: train.overwrite_output_dir: removed {p}", flush=True)
     for name in ("metrics.jsonl", "result.json"):
         (run_dir / name).unlink(missing_ok=True)
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file of the run directory, or None while it is missing or half-written."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def print_appended(path: Path, offset: int) -> int:
-    """Print what a log file gained since `offset`; return the new offset (logs/ follow-mode)."""
-    if not path.exists():
-        return offset
-    with path.open("rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    if chunk:
-        sys.stdout.write(chunk.decode(errors="replace"))
-        sys.stdout.flush()
-    return offset + len(chunk)

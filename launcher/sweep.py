@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, read_write
 
-from launcher.rundir import atomic_write, read_json
+from launcher.files import atomic_write, read_json
 
 TRIAL_FILE = "trial.json"
 
@@ -67,7 +67,7 @@ def validate_trials(args: list[str]) -> int | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from launcher.__main__ import error, parse_args
+    from launcher.cli import error, parse_args
     from launcher.compose import compose
     from launcher.errors import ConfigError
     from launcher.prepare import prepare
@@ -119,7 +119,7 @@ def trial(cfg: DictConfig) -> float:
     trial and returns the objective (submitit hands Hydra task 0's return value)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from launcher.__main__ import start
+    from launcher.start import start
     from launcher.compose import ConfigError, typed
 
     hc = HydraConfig.get()

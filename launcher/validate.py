@@ -4,6 +4,7 @@ raises a ConfigError naming the key and the fix. Reads only; creates nothing."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
@@ -15,7 +16,8 @@ from launcher.errors import ConfigError
 from launcher.registry import BITSANDBYTES
 from launcher.rules import require
 from launcher.schema import RunConfig
-from trainer import corpus
+from trainer.trackers import resolve_report_to
+from launcher import corpus
 
 # What may be in a folder before ringleader first writes it as a run directory: Hydra's record of
 # a sweep trial (its job folder), nothing else.
@@ -26,6 +28,8 @@ def check_environment(cfg: RunConfig, host: Host, environ: Mapping[str, str] | N
     """`cfg` has its hardware resolved (launcher/planner.py resolve_hw) and its paths made absolute."""
     check_files(cfg)
     check_hardware(cfg, host)
+    for tracker in resolve_report_to(cfg.train.report_to):  # rank 0 imports it: refuse here, not mid-start
+        require(tracker == "tensorboard" or importlib.util.find_spec(tracker) is not None, "train.report_to", f"{tracker} is not installed; pip install {tracker}, or drop it")
     if cfg.cluster.name == "slurm":
         check_slurm_host(cfg, environ)
     run_dir = Path(cfg.train.output_dir)

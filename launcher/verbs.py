@@ -8,18 +8,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from launcher.cli import error
 from launcher.errors import ConfigError
-from launcher.rundir import print_appended, read_json
-
-
-def error(message: str) -> int:
-    print(f"ringleader: error: {message}", file=sys.stderr)
-    return 2
+from launcher.files import print_appended, read_json
 
 
 def run_dir_arg(args: list[str], verb: str) -> Path | None:

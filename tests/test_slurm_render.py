@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.slurm import q, render_job, stop_status
+from cluster.slurm import q, render_job
+from trainer.requeue import stop_status
 from launcher.compose import compose
 from launcher.prepare import prepare
 from tests.conftest import ROOT, launcher_env, run_launcher

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 
 import torch.nn as nn
 
+from launcher.registry import GPT_TARGET
 from launcher.schema import ModelConfig
+from launcher.targets import load_target
 
 GPT_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
 
 
-def model_factory(cfg: ModelConfig):
-    module, _, name = cfg._target_.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+def model_factory(cfg: ModelConfig) -> Callable[..., nn.Module]:
+    return load_target(cfg._target_, "model._target_")
 
 
 def model_kwargs(cfg: ModelConfig) -> dict:
-    if cfg._target_ == "trainer.model.GPT":
+    if cfg._target_ == GPT_TARGET:
         return {k: getattr(cfg, k) for k in GPT_FIELDS}
     return dict(cfg.kwargs)
 

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from trainer.durable import FileInfo, crc32_of, describe, fsync_dir, write_file
+from launcher.files import fsync_dir
+from trainer.durable import FileInfo, crc32_of, describe, write_file
 from trainer.faults import fault_point
 
 log = logging.getLogger("ringleader")

@@ -6,7 +6,6 @@ resume restores it directly, in O(1), on any world size, instead of replaying th
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from launcher.schema import DataConfig
-from trainer import corpus
+from launcher.targets import load_target
+from launcher import corpus
 from trainer.model_io import collate
 
 
@@ -61,8 +61,7 @@ def read_bytes(split: corpus.Split) -> np.ndarray:
 
 def build_dataset(data: DataConfig, split: str, *, vocab_size: int, seed: int) -> Dataset:
     if data._target_:
-        module, _, name = data._target_.rpartition(".")
-        factory = getattr(importlib.import_module(module), name)
+        factory = load_target(data._target_, "data._target_")
         return factory(split=split, seq_len=data.seq_len, **data.kwargs)
     if data.name in ("pystdlib", "text_files"):
         return TokenWindows(read_bytes(corpus.split_of(data, split)), data.seq_len)

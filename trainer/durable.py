@@ -25,14 +25,6 @@ FileInfo = dict[str, int]  # {"size": bytes, "crc32": CRC32}: what the COMPLETE 
 FLUSH_EVERY = 1 << 24  # bytes: how often ChecksummingWriter starts pushing a file to disk
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def crc32_of(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:

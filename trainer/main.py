@@ -15,14 +15,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from cluster.slurm import stop_status
-from launcher.rundir import atomic_write
+from launcher.files import atomic_write
 from trainer.build import build_model
 from trainer.checkpoint import CheckpointManager, apply_new_config
 from trainer.data import build_dataset
 from trainer.export import write_final
 from trainer.loop import LoopState, Trainer
 from trainer.metrics import MetricsLogger
+from trainer.requeue import stop_status
 from trainer.runtime import close_runtime, init_runtime, load_run
 from trainer.strategies import build_strategy
 from trainer.strategies.base import enable_gradient_checkpointing

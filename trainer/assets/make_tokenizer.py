@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
 def corpus_texts(limit: int = CORPUS_BYTES) -> list[str]:
     """The standard library's files in corpus.py's fixed order (the pystdlib dataset's order), up
     to `limit` bytes, one string per file."""
-    from trainer.corpus import pystdlib_order
+    from launcher.corpus import pystdlib_order
 
     texts, total = [], 0
     for path, size in pystdlib_order():

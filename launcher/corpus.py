@@ -17,10 +17,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.files import atomic_write
+from launcher.registry import TOKEN_BYTES
 from launcher.schema import DataConfig
 
-BUILTIN = ("pystdlib", "text_files", "tokens_bin", "synthetic")
-TOKEN_BYTES = {"uint8": 1, "uint16": 2, "int32": 4}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,9 +69,7 @@ def save_listing_cache() -> None:
         cache, found = _unsaved_listing.popitem()
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(found))
-            os.replace(tmp, cache)
+            atomic_write(cache, json.dumps(found), durable=False)  # a cache: losing it costs a rescan
         except OSError:
             pass  # a read-only home: no cache, same answer
 
