@@ -175,9 +175,17 @@ def aligned_labels(input_ids: Sequence[int], target: Sequence[int] | Sequence[bo
     return [input_ids[i + 1] if target[i + 1] else IGNORE_INDEX for i in range(n - 1)] + ([IGNORE_INDEX] if n else [])
 
 
+# Only the ids: the attention mask and type ids a tokenizer call also returns cost as much
+# Python-side conversion as the ids themselves.
+LEAN = {"return_attention_mask": False, "return_token_type_ids": False}
+
+
 def prompt_text(record: dict[str, Any], spec: TextDataSpec) -> str:
-    prompt = str(record[spec.prompt_field] or "")
-    extra = str(record.get(spec.input_field) or "") if spec.input_field else ""
+    return _prompt(record[spec.prompt_field], record.get(spec.input_field) if spec.input_field else "", spec)
+
+
+def _prompt(prompt: Any, extra: Any, spec: TextDataSpec) -> str:
+    prompt, extra = str(prompt or ""), str(extra or "")
     if spec.prompt_template == "alpaca":
         return (ALPACA_PROMPT_WITH_INPUT if extra else ALPACA_PROMPT).format(prompt=prompt, input=extra)
     return spec.prompt_template.format(prompt=prompt, input=extra)
@@ -191,6 +199,15 @@ def _finish(ids: list[int], target: list[int], spec: TextDataSpec) -> tuple[list
     return ids[: spec.max_length], labels[: spec.max_length]
 
 
+def _finish_from(ids: list[int], first: int, spec: TextDataSpec) -> tuple[list[int], list[int]]:
+    """_finish for targets that are one run, ids[first:] (text, prompt/completion), by slicing:
+    no per-token Python loop (tokenization time is dominated by it otherwise)."""
+    first = max(first, 1)  # position 0 is never a target
+    ids = ids[: spec.max_length + 1]
+    labels = [IGNORE_INDEX] * (first - 1) + ids[first:] + [IGNORE_INDEX]
+    return ids[: spec.max_length], labels[: spec.max_length]
+
+
 def encode_batch(batch: dict[str, list], *, tokenizer, spec: TextDataSpec, chat_template: str = "") -> dict[str, list]:
     """datasets.map(batched=True) function: records -> {"input_ids", "labels"} (lists of ints).
     Text and prompts go through the fast tokenizer's batch call (Rust, its own threads)."""
@@ -198,23 +215,21 @@ def encode_batch(batch: dict[str, list], *, tokenizer, spec: TextDataSpec, chat_
     out_ids: list[list[int]] = []
     out_labels: list[list[int]] = []
     if spec.format == "text":
-        enc = tokenizer([str(t or "") for t in batch[spec.text_field]], add_special_tokens=True)["input_ids"]
+        enc = tokenizer([str(t or "") for t in batch[spec.text_field]], add_special_tokens=True, **LEAN)["input_ids"]
         for ids in enc:
-            ids = ids + eos
-            ids, labels = _finish(ids, [1] * len(ids), spec)
+            ids, labels = _finish_from(ids + eos, 0, spec)
             out_ids.append(ids)
             out_labels.append(labels)
     elif spec.format == "prompt_completion":
         n = len(batch[spec.prompt_field])
-        records = [{k: batch[k][i] for k in batch} for i in range(n)]
-        prompts = tokenizer([prompt_text(r, spec) for r in records], add_special_tokens=True)["input_ids"]
-        completions = tokenizer([str(r[spec.completion_field] or "") for r in records], add_special_tokens=False)["input_ids"]
+        inputs = batch[spec.input_field] if spec.input_field else [""] * n
+        texts = [_prompt(p, x, spec) for p, x in zip(batch[spec.prompt_field], inputs)]
+        prompts = tokenizer(texts, add_special_tokens=True, **LEAN)["input_ids"]
+        completions = tokenizer([str(c or "") for c in batch[spec.completion_field]], add_special_tokens=False, **LEAN)["input_ids"]
         for p, c in zip(prompts, completions):
             # Prompt and completion are encoded apart and joined: the model trains on exactly the
             # tokens it sees at inference, where the prompt is encoded alone.
-            ids = p + c + eos
-            target = [1] * len(ids) if spec.train_on_prompt else [0] * len(p) + [1] * (len(c) + len(eos))
-            ids, labels = _finish(ids, target, spec)
+            ids, labels = _finish_from(p + c + eos, 0 if spec.train_on_prompt else len(p), spec)
             out_ids.append(ids)
             out_labels.append(labels)
     else:

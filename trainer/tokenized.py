@@ -63,8 +63,13 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         raise ValueError("model.tokenizer: ringleader needs a fast (Rust) tokenizer; set model.tokenizer to a folder with a tokenizer.json")
+    # Truncation and padding are state a call leaves on the Rust tokenizer (tokenizer(...,
+    # truncation=True) sets them); ringleader never uses them, so they are no part of the key.
+    state = json.loads(backend.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
     return {
-        "tokenizer_json": hashlib.sha256(backend.to_str().encode()).hexdigest(),
+        "tokenizer_json": hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest(),
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
         "chat_template": hashlib.sha256(str(getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest(),
         "class": type(tokenizer).__name__,
