@@ -17,6 +17,7 @@ from launcher.registry import (
     ACCELERATORS, BITSANDBYTES, BYTE_LEVEL_DATASETS, CLUSTERS, CONTAINER_RUNTIMES, DATASETS, DDP_BACKENDS, EVAL_METRICS, GPT_TARGET,
     INTERVALS, NONFINITE, OPTIMIZERS, SCHEDULERS, STRATEGIES, TOKEN_BYTES, ZERO_STAGES,
 )
+from launcher.options import OptionError, TrackerError, parse_optim_args, resolve_report_to, schedule_kwargs
 from launcher.rules import DOTTED_PATH, check_extra_option, check_signal_delay, check_values, check_variable_names, require, setup_words
 
 
@@ -89,12 +90,10 @@ class OptimizerConfig:
     adam_epsilon: float = 1e-8
     momentum: float = 0.0  # sgd
     # Trainer's optim_args: "k=v,k=v", the options of the chosen optimizer that have no field here
-    # (trainer/optim.py OPTIM_ARGS lists them; an unknown one is refused).
+    # (launcher/options.py OPTIM_ARGS lists them; an unknown one is refused).
     optim_args: str = ""
 
     def check(self) -> None:
-        from trainer.optim import OptionError, parse_optim_args  # tables only: no torch
-
         try:
             parse_optim_args(self.name, self.optim_args)
         except OptionError as exc:
@@ -121,7 +120,7 @@ class SchedulerConfig:
     warmup_ratio: float = 0.0
     num_cycles: float = 0.5  # cosine: half a wave, as in transformers
     # Trainer's lr_scheduler_kwargs: the chosen schedule's own arguments (min_lr or min_lr_rate,
-    # num_decay_steps, lr_end and power, timescale, ...; trainer/optim.py SCHEDULE_KWARGS), checked
+    # num_decay_steps, lr_end and power, timescale, ...; launcher/options.py SCHEDULE_KWARGS), checked
     # here, unknown keys refused. num_cycles is the field above.
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -133,8 +132,6 @@ class SchedulerConfig:
         require(0 <= self.warmup_ratio <= 1, "scheduler.warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}")
 
     def check_kwargs(self, *, learning_rate: float) -> None:
-        from trainer.optim import OptionError, schedule_kwargs  # tables only: no torch
-
         try:
             schedule_kwargs(self.name, self.lr_scheduler_kwargs, learning_rate=learning_rate)
         except OptionError as exc:
@@ -350,8 +347,6 @@ class TrainConfig:
         require(self.save_strategy != "steps" or self.save_steps >= 1, "train.save_steps", f"must be >= 1 with save_strategy=steps, got {self.save_steps}")
         require(self.eval_max_batches >= 0, "train.eval_max_batches", f"must be >= 0 (0: the whole validation split), got {self.eval_max_batches}")
         require(self.early_stopping_threshold >= 0, "train.early_stopping_threshold", f"must be >= 0, got {self.early_stopping_threshold}")
-        from trainer.trackers import TrackerError, resolve_report_to  # no wandb or mlflow import
-
         try:
             resolve_report_to(self.report_to, installed_only=False)
         except TrackerError as exc:

@@ -14,9 +14,10 @@ from pathlib import Path
 from cluster.environment import Host, SlurmEnvironment, detect_environment
 from launcher.errors import ConfigError
 from launcher.registry import BITSANDBYTES
+from launcher.options import resolve_report_to
 from launcher.rules import require
 from launcher.schema import RunConfig
-from trainer.trackers import resolve_report_to
+
 from launcher import corpus
 
 # What may be in a folder before ringleader first writes it as a run directory: Hydra's record of

@@ -21,7 +21,6 @@ wandb and mlflow are imported only when chosen (MLflow's import alone takes ~3.5
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -31,38 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.registry import TRACKERS  # tensorboard, wandb, mlflow
+from launcher.options import TrackerError, resolve_report_to  # noqa: F401  (checked by the schema too)
 
 log = logging.getLogger("ringleader")
 
 STATE_FILE = "trackers.json"
-
-
-class TrackerError(ValueError):
-    """A bad report_to value; the message names the fix."""
-
-
-def resolve_report_to(value: str | list[str] | tuple[str, ...] | None, *, installed_only: bool = True) -> list[str]:
-    """Trainer's report_to as a list of tracker names: a string or a list; `all` is every tracker
-    ringleader writes to that is installed (tensorboard always); `none` (or an empty list) is none."""
-    if value is None:
-        return []
-    names = [value] if isinstance(value, str) else list(value)
-    names = [str(n).strip() for n in names]
-    if "none" in names or not names:
-        if len(names) > 1:
-            raise TrackerError(f"'none' is mixed with {', '.join(n for n in names if n != 'none')}; give none alone, or drop it")
-        return []
-    out: list[str] = []
-    for name in names:
-        if name == "all":
-            chosen = [t for t in TRACKERS if t == "tensorboard" or not installed_only or importlib.util.find_spec(t) is not None]
-        elif name in TRACKERS:
-            chosen = [name]
-        else:
-            raise TrackerError(f"'{name}' is not a tracker ringleader writes to; use one or more of {', '.join(TRACKERS)}, all, or none (metrics.jsonl is always written)")
-        out += [c for c in chosen if c not in out]
-    return out
 
 
 def tracked(event: dict[str, Any]) -> dict[str, float]:
