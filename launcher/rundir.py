@@ -196,12 +196,13 @@ def claim_run_dir(run_dir: Path) -> int:
 def clear_earlier_run(run_dir: Path) -> None:
     """train.overwrite_output_dir with a fresh start: remove what the earlier run's ranks wrote and
     the new run would mix with its own: checkpoints/step-N (with or without marker) and the
-    leftovers of crashed saves, metrics.jsonl, result.json. Only names ringleader writes."""
+    leftovers of crashed saves, metrics.jsonl, result.json, trackers.json (a fresh start is a new
+    wandb/MLflow run: trainer/trackers.py). Only names ringleader writes."""
     root = run_dir / "checkpoints"
     if root.is_dir():
         for p in root.iterdir():
             if p.is_dir() and (STEP_DIR.match(p.name) or LEFTOVER.match(p.name)):
                 shutil.rmtree(p)
                 print(f"ringleader: train.overwrite_output_dir: removed {p}", flush=True)
-    for name in ("metrics.jsonl", "result.json"):
+    for name in ("metrics.jsonl", "result.json", "trackers.json"):
         (run_dir / name).unlink(missing_ok=True)
