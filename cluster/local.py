@@ -1,29 +1,40 @@
-"""The local backend: one torchrun on this machine. `torchrun_command` is pure; `spawn` starts it."""
+"""The local backend: one torchrun on this machine. `render` is pure; `start` runs torchrun, waits,
+and says where things are (or which rank failed and why)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launcher.schema import RunConfig
+from cluster.backend import Backend, Job
+from cluster.torchrun import standalone, torchrun_argv
 
-
-def torchrun_command(cfg: RunConfig, plan, *, python: str) -> list[str]:
-    return [
-        python, "-m", "torch.distributed.run",
-        "--nnodes=1",
-        f"--nproc_per_node={plan.nproc_per_node}",
-        "--standalone",
-        f"--max_restarts={cfg.cluster.max_restarts}",
-        # torchrun's default of 5 s adds ~15 s to every restart (pytorch #124692)
-        f"--monitor_interval={cfg.cluster.monitor_interval:g}",
-        "--module", "trainer",
-        plan.run_dir,
-    ]
+if TYPE_CHECKING:
+    from launcher.plan import Plan
+    from launcher.schema import RunConfig
 
 
-def spawn(plan, *, keep_fds: tuple[int | None, ...] = ()) -> int:
+class LocalBackend(Backend):
+    name = "local"
+
+    def render(self, cfg: RunConfig, plan: Plan, *, python: str) -> Job:
+        c = cfg.cluster
+        command = torchrun_argv(python=python, nnodes=1, nproc_per_node=plan.nproc_per_node, rendezvous=standalone(),
+                                max_restarts=c.max_restarts, monitor_interval=c.monitor_interval, run_dir=plan.run_dir)
+        return Job(command=command, env=dict(plan.env))
+
+    def start(self, cfg: RunConfig, plan: Plan, *, lock: int | None) -> int:
+        code = spawn(plan, keep_fds=(lock,))
+        report(Path(plan.run_dir), code)
+        return code
+
+
+
+def spawn(plan: Plan, *, keep_fds: tuple[int | None, ...] = ()) -> int:
     """Run torchrun and wait. Ctrl-C or SIGTERM is passed to torchrun once, which asks every rank to
     stop (SIGTERM); ranks stop at a step boundary. A second Ctrl-C kills the whole job at once.
     `keep_fds`: descriptors torchrun inherits: the run directory's lock (launcher/rundir.py), so it
@@ -55,3 +66,20 @@ def spawn(plan, *, keep_fds: tuple[int | None, ...] = ()) -> int:
         print(f"ringleader: stopped by {signal.Signals(received[0]).name}; run directory: {plan.run_dir}", file=sys.stderr)
         return 128 + received[0]
     return code
+
+
+def report(run_dir: Path, code: int) -> None:
+    """After a local run: where things are, and which rank failed and why."""
+    result = run_dir / "result.json"
+    if code == 0 and result.exists():
+        summary = json.loads(result.read_text())
+        metrics = {k: v for k, v in summary.get("metrics", {}).items() if isinstance(v, (int, float))}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"ringleader: {summary.get('status')} after {summary.get('global_step')} steps; {shown}\nringleader: run directory {run_dir}")
+        return
+    print(f"ringleader: the job exited with code {code}; run directory {run_dir}", file=sys.stderr)
+    for log in sorted((run_dir / "logs").glob("rank-*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        errors = [line for line in lines[-40:] if "Error" in line or "error" in line]
+        if errors:
+            print(f"ringleader: {log.relative_to(run_dir)}: {errors[-1].strip()}", file=sys.stderr)

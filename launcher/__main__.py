@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 def compose_and_start(overrides: list[str], config_dirs: list[str], config_name: str, show: bool) -> int:
     from launcher.compose import ConfigError, compose
 
-    from cluster.slurm import allocation_overrides
+    from cluster.slurm_allocation import allocation_overrides
 
     try:
         overrides += allocation_overrides(overrides)  # `srun python -m launcher ...` inside an allocation

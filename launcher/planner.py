@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from cluster.backend import backend_for
 from cluster.environment import Host
 from launcher.errors import ConfigError
 from launcher.deepspeed_config import deepspeed_config
@@ -94,14 +95,8 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
         plan.deepspeed = deepspeed_config(cfg, world_size=world)
     plan.memory, memory_warnings = plan_memory(cfg, world_size=world)
     plan.warnings.extend(memory_warnings)
-    if cfg.cluster.name == "local":
-        from cluster.local import torchrun_command
-
-        plan.command = torchrun_command(cfg, plan, python=sys.executable)
-    else:
-        from cluster.slurm import render_job
-
-        plan.command, plan.script = render_job(cfg, plan, python=sys.executable)
+    job = backend_for(cfg.cluster.name).render(cfg, plan, python=sys.executable)
+    plan.command, plan.script = job.command, job.script
     return plan
 
 

@@ -61,15 +61,15 @@ def lock_holder(run_dir: Path) -> str | None:
 
 
 def running_job(run_dir: Path) -> str | None:
-    """`SLURM job N (STATE)` when slurm.json names a job the controller still runs or queues."""
-    if not (run_dir / "slurm.json").exists():
-        return None
-    from cluster.slurm import FINAL_STATES, job_info, read_job
+    """`SLURM job N (STATE)` when the run directory records a job its scheduler still runs or queues."""
+    from cluster.backend import recorded_job
 
-    job_id = read_job(run_dir)
-    info = job_info(job_id) if job_id else {}
-    state = info.get("JobState", "")
-    return f"SLURM job {job_id} ({state})" if state and state not in FINAL_STATES else None
+    recorded = recorded_job(run_dir)
+    if recorded is None:
+        return None
+    backend, job_id = recorded
+    status = backend.status(job_id)
+    return f"{backend.name.upper()} job {job_id} ({status.state})" if status.active else None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, read_write
 
+from cluster.backend import recorded_job
 from launcher.files import atomic_write, read_json
 
 TRIAL_FILE = "trial.json"
@@ -145,10 +146,8 @@ def trial(cfg: DictConfig) -> float:
         record["exit_code"] = code
         if task is not None:
             record["job_id"] = task.job_id  # the allocation hydra-submitit-launcher made for this trial
-        elif composed.config.cluster.name == "slurm":
-            from cluster.slurm import read_job
-
-            record["job_id"] = read_job(run_dir)
+        elif (job := recorded_job(run_dir)) is not None:
+            record["job_id"] = job[1]  # a submitted job (cluster=slurm): the summary asks its scheduler
         result = read_json(run_dir / "result.json")
         if task is not None and lead and code == 0 and result is None:
             result = wait_for_result(run_dir)  # training's rank 0 may sit on another node, a moment behind
@@ -158,7 +157,7 @@ def trial(cfg: DictConfig) -> float:
             value = result.get("metrics", {}).get(metric)
             value = result.get("best_metric") if value is None else value  # 0.0 is a value, not a gap
             objective = math.nan if value is None else float(value)
-        elif composed.config.cluster.name == "slurm" and task is None and code == 0:
+        elif record.get("job_id") and task is None and code == 0:
             record["status"] = "submitted"  # cluster.wait=false: `python -m launcher summary` reads it later
         elif code == 0:
             record["error"] = "the run ended without writing result.json"
@@ -238,8 +237,8 @@ def summarize(sweep_dir: Path, *, quiet: bool = False) -> list[dict[str, Any]]:
             status = result.get("status", "unknown")
         elif info.get("error"):
             status = "failed"
-        elif (run_dir / "slurm.json").exists() or info.get("status") == "submitted":
-            status, error = slurm_status(run_dir)
+        elif recorded_job(run_dir) is not None or info.get("status") == "submitted":
+            status, error = job_status(run_dir)
         else:
             status = "running"
         metrics = (result or {}).get("metrics", {})
@@ -281,22 +280,19 @@ def mark_best(rows: list[dict[str, Any]]) -> None:
     pick(done, key=lambda r: r["objective"])["best"] = True
 
 
-def slurm_status(run_dir: Path) -> tuple[str, str | None]:
-    """A submitted trial with no result.json yet, as SLURM sees its job: submitted (queued),
+def job_status(run_dir: Path) -> tuple[str, str | None]:
+    """A submitted trial with no result.json yet, as its scheduler sees its job: submitted (queued),
     running, or failed when the job is over without a result (its batch log says why)."""
-    from cluster.slurm import FINAL_STATES, job_info, read_job
-
-    job_id = read_job(run_dir)
-    try:
-        info = job_info(job_id) if job_id else {}
-    except OSError:  # no scontrol on this machine: say what the sweep folder knows
+    job = recorded_job(run_dir)
+    if job is None:
         return "submitted", None
-    state = info.get("JobState", "")
-    if state in ("RUNNING", "COMPLETING"):
+    backend, job_id = job
+    status = backend.status(job_id)
+    if status.state in ("RUNNING", "COMPLETING"):
         return "running", None
-    if state in FINAL_STATES:
-        return "failed", f"job {job_id} ended {state} without writing result.json; its batch log, if it started: {run_dir}/logs/slurm-{job_id}.log"
-    if not info and job_id:
+    if status.finished:
+        return "failed", f"job {job_id} ended {status.state} without writing result.json; its batch log, if it started: {backend.job_log(run_dir, job_id)}"
+    if not status.state:
         return "unknown", f"SLURM no longer knows job {job_id} and the run left no result.json; see {run_dir}/logs"
     return "submitted", None
 

@@ -11,13 +11,13 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
-from cluster.environment import Host, SlurmEnvironment, detect_environment
+from cluster.backend import backend_for
+from cluster.environment import Host
 from launcher.errors import ConfigError
 from launcher.registry import BITSANDBYTES
 from launcher.options import resolve_report_to
 from launcher.rules import require
 from launcher.schema import RunConfig
-
 from launcher import corpus
 
 # What may be in a folder before ringleader first writes it as a run directory: Hydra's record of
@@ -31,8 +31,7 @@ def check_environment(cfg: RunConfig, host: Host, environ: Mapping[str, str] | N
     check_hardware(cfg, host)
     for tracker in resolve_report_to(cfg.train.report_to):  # rank 0 imports it: refuse here, not mid-start
         require(tracker == "tensorboard" or importlib.util.find_spec(tracker) is not None, "train.report_to", f"{tracker} is not installed; pip install {tracker}, or drop it")
-    if cfg.cluster.name == "slurm":
-        check_slurm_host(cfg, environ)
+    backend_for(cfg.cluster.name).check_host(cfg, environ)  # e.g. SLURM: sbatch here, a path sbatch takes
     run_dir = Path(cfg.train.output_dir)
     check_not_foreign(run_dir)
     if not cfg.dry_run:  # a dry run may plan for a cluster's paths that do not exist here
@@ -104,22 +103,6 @@ def check_hardware(cfg: RunConfig, host: Host) -> None:
                 "hw",
                 f"profile {hw.name} wants {c.nproc_per_node or hw.gpus_per_node} GPUs but this machine has {host.gpus}; use +hw=cpu, a smaller profile, or cluster=slurm",
             )
-
-
-def check_slurm_host(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> None:
-    """What a SLURM job cannot take from this machine: its hardware (unless this is a node of the
-    job), and a run directory whose path sbatch or the container runtime would read specially."""
-    c = cfg.cluster
-    if cfg.hw.name.startswith("auto") and not isinstance(detect_environment(environ), SlurmEnvironment):
-        raise ConfigError("hw", "cluster=slurm needs the compute nodes' hardware profile, not this machine's; add +hw=PROFILE (e.g. +hw=8xH100, +hw=cpu; profiles in conf/hw/)")
-    run_dir = cfg.train.output_dir
-    for char, why in (("%", "sbatch expands % in the job's --output file name"), ("\\", "a \\ in --output turns off sbatch's %j")):
-        if char in run_dir:
-            raise ConfigError("train.output_dir", f"{run_dir} contains '{char}' ({why}); choose a folder without it for cluster=slurm")
-    if c.container:
-        for char in ",:":
-            if char in run_dir:
-                raise ConfigError("train.output_dir", f"{run_dir} contains '{char}', which splits the container's mount list ({c.container_runtime}); choose a folder without , or : for cluster.container")
 
 
 def check_not_foreign(run_dir: Path) -> None:

@@ -6,15 +6,17 @@ One function per verb in VERBS; each returns the exit code. Nothing here imports
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.cli import error
 from launcher.errors import ConfigError
 from launcher.files import print_appended, read_json
+
+if TYPE_CHECKING:
+    from cluster.backend import Backend
 
 
 def run_dir_arg(args: list[str], verb: str) -> Path | None:
@@ -28,12 +30,13 @@ def run_dir_arg(args: list[str], verb: str) -> Path | None:
     return run_dir
 
 
-def job_of(run_dir: Path) -> str | None:
-    """The run's SLURM job id (None: never submitted). A damaged slurm.json raises ConfigError
-    naming the file (cluster/slurm.py read_job), which each verb prints as its one-line error."""
-    from cluster.slurm import read_job
+def job_of(run_dir: Path) -> tuple[Backend, str] | None:
+    """The backend and job id the run directory records (None: never submitted, e.g. a local run).
+    A damaged record (slurm.json) raises ConfigError naming the file, which each verb prints as
+    its one-line error."""
+    from cluster.backend import recorded_job
 
-    return read_job(run_dir)
+    return recorded_job(run_dir)
 
 
 def last_step(run_dir: Path) -> int | None:
@@ -56,25 +59,16 @@ def status(args: list[str]) -> int:
     run_dir = run_dir_arg(args, "status")
     if run_dir is None:
         return 2
-    from cluster.slurm import job_info
-
     try:
-        job_id = job_of(run_dir)
+        job = job_of(run_dir)
     except ConfigError as exc:
         return error(str(exc))
     plan = read_json(run_dir / "plan.json") or {}
     result = read_json(run_dir / "result.json") or {}
     rows = [("run directory", str(run_dir)), ("where", f"{plan.get('cluster', '?')}: {plan.get('nodes', '?')} node(s) x {plan.get('nproc_per_node', '?')}")]
-    if job_id:
-        info = job_info(job_id)
-        if info:
-            reason = info.get("Reason", "None")
-            state = info["JobState"] + (f" ({reason})" if reason not in ("None", "") else "")
-            rows += [("job", f"{job_id} {state}, restarts {info.get('Restarts', '0')}, run time {info.get('RunTime', '?')} of {info.get('TimeLimit', '?')}, nodes {info.get('NodeList', '?')}")]
-        elif shutil.which("scontrol") is None:
-            rows += [("job", f"{job_id} (scontrol is not on PATH here: run status on a login node of the cluster)")]
-        else:
-            rows += [("job", f"{job_id} (no longer known to slurmctld)")]
+    if job is not None:
+        backend, job_id = job
+        rows.append(("job", backend.status(job_id).detail))
     step = last_step(run_dir)
     rows.append(("step", f"{step if step is not None else 0} of {plan.get('total_steps', '?')}"))
     if result:
@@ -113,12 +107,13 @@ def logs(args: list[str]) -> int:
             return error(f"logs: unknown argument {arg}; use: logs RUN_DIR [--rank N | --slurm] [-f]")
     if batch:
         try:
-            job_id = job_of(run_dir)
+            job = job_of(run_dir)
         except ConfigError as exc:
             return error(str(exc))
-        if not job_id:
+        if job is None:
             return error(f"{run_dir} has no SLURM job (no slurm.json)")
-        path = run_dir / "logs" / f"slurm-{job_id}.log"
+        backend, job_id = job
+        path = backend.job_log(run_dir, job_id)
     else:
         path = run_dir / "logs" / f"rank-{rank}.log"
     if not path.exists() and not follow:
@@ -135,22 +130,24 @@ def logs(args: list[str]) -> int:
 
 
 def cancel(args: list[str]) -> int:
-    """Cancel the run's SLURM job. scancel sends SIGTERM: the ranks stop at a step boundary and save
+    """Cancel the run's job. On SLURM, scancel sends SIGTERM: the ranks stop at a step boundary and save
     a checkpoint (rerun the same command to resume); SLURM kills what is left after KillWait."""
     run_dir = run_dir_arg(args, "cancel")
     if run_dir is None:
         return 2
     try:
-        job_id = job_of(run_dir)
+        job = job_of(run_dir)
     except ConfigError as exc:
         return error(str(exc))
-    if not job_id:
+    if job is None:
         return error(f"{run_dir} has no SLURM job to cancel (no slurm.json); a local run stops with Ctrl-C")
-    if shutil.which("scancel") is None:
-        return error(f"scancel is not on PATH here, so job {job_id} cannot be cancelled from this machine; run cancel on a login node of the cluster")
-    proc = subprocess.run(["scancel", job_id], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return error(f"scancel {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    from cluster.backend import BackendError
+
+    backend, job_id = job
+    try:
+        backend.cancel(job_id)
+    except BackendError as exc:
+        return error(str(exc))
     print(f"ringleader: cancelled job {job_id}; its ranks save a checkpoint as they stop. run directory {run_dir}")
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cluster.environment import EnvironmentVariableError, SlurmEnvironment, TorchrunEnvironment, expand_hostlist
-from cluster.slurm import job_info
+from cluster.slurm_jobs import job_info
 from launcher.rules import shell_special
 from launcher.compose import compose
 from launcher.prepare import prepare

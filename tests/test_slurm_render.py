@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.slurm import q, render_job
+from cluster.slurm_render import q, render_job
 from trainer.requeue import stop_status
 from launcher.compose import compose
 from launcher.prepare import prepare
