@@ -165,3 +165,23 @@ def test_meta_build_then_rank0_load_equals_from_pretrained(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, src(input_ids=ids).logits, rtol=0, atol=0)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_fsdp_meta_build_rank0_broadcast_two_ranks(tmp_path):
+    """2 gloo ranks: meta build, FSDP2 per decoder layer, rank 0 streams the weights; each rank
+    holds half the parameters and the logits equal the unsharded model's."""
+    src = build_causal_lm(tiny(), seed=6).eval()
+    folder = hf_model.save_pretrained_dir(tmp_path / "src", src.state_dict(), config=src.config)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "tests", "assets", "hf_fsdp_load.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, str(folder), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    with torch.no_grad():
+        logits = src(input_ids=torch.arange(3, 40).reshape(1, -1)).logits
+    total = sum(p.numel() for p in src.parameters())
+    for r in ranks:
+        assert r["logits_sum"] == pytest.approx(float(logits.double().sum()), rel=1e-6)
+        torch.testing.assert_close(torch.tensor(r["logits_first"]), logits[0, :3, :5], rtol=1e-5, atol=1e-6)
+        assert r["local_params"] <= total // 2 + 1000
+    assert sum(r["local_params"] for r in ranks) == total
