@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent / "llama_tiny"
 VOCAB_SIZE = 4096
-CORPUS_BYTES = 6_000_000  # ~6 MB of the standard library in corpus.py's fixed order: about 10 s to train
+CORPUS_BYTES = 6_000_000  # ~6 MB of the standard library in launcher/corpus.py's fixed order: about 10 s to train
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -41,7 +41,7 @@ CHAT_TEMPLATE = (
 
 
 def corpus_texts(limit: int = CORPUS_BYTES) -> list[str]:
-    """The standard library's files in corpus.py's fixed order (the pystdlib dataset's order), up
+    """The standard library's files in launcher/corpus.py's fixed order (the pystdlib dataset's order), up
     to `limit` bytes, one string per file."""
     from launcher.corpus import pystdlib_order
 
