@@ -1,1 +1,2 @@
-"""Backends that start a plan (local torchrun, SLURM through submitit) and environment detection."""
+"""Backends that start a plan (cluster/backend.py: local torchrun, SLURM with ringleader's own sbatch
+script) and environment detection (cluster/environment.py)."""

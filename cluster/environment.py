@@ -140,11 +140,6 @@ class SlurmEnvironment(Environment):
             **values,
         )
 
-    @property
-    def first_host(self) -> str:
-        hosts = expand_hostlist(self.nodelist)
-        return hosts[0] if hosts else os.uname().nodename
-
 
 def _missing_id(environ: Mapping[str, str]) -> str:
     raise EnvironmentVariableError("SLURM_JOB_ID", environ.get("SLURM_JOB_ID", ""), "a SLURM job id (digits only)")

@@ -30,8 +30,6 @@ class HwConfig:
     gpus_per_node: int = 0
     gpu_memory_gb: float = 0.0
     bf16: bool = False
-    fp8: bool = False
-    interconnect: str = ""  # e.g. nvlink, pcie, infiniband; informational, printed in the plan
     cpus_per_node: int = 0  # 0: detected
     cpu_ranks: int = 2  # processes per node when the accelerator is cpu
     peak_tflops_bf16: float = 0.0  # dense bf16 peak of one GPU, for MFU
@@ -142,7 +140,8 @@ class SchedulerConfig:
 class ModelConfig:
     """The model. The built-in GPT uses the fields below; a user's model sets `_target_`
     (a dotted path to a class or function) and passes its own arguments in `kwargs`.
-    Contract: `model(input_ids, labels)` returns the mean cross-entropy over all tokens."""
+    Contract (trainer/model_io.py): `model(input_ids, labels)` returns logits [B, T, V] or the mean
+    cross-entropy over the labelled tokens (labels != -100); ringleader makes the loss token-exact."""
 
     name: str = "gpt_tiny"
     _target_: str = "trainer.model.GPT"
@@ -214,7 +213,8 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ClusterConfig:
-    """Where the job runs: `local` (torchrun on this machine) or `slurm` (submitit)."""
+    """Where the job runs: `local` (torchrun on this machine) or `slurm` (an sbatch script of
+    ringleader's own, cluster/slurm.py); each name is a backend (cluster/backend.py BACKENDS)."""
 
     name: str = "local"
     nodes: int = 1

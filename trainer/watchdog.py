@@ -80,15 +80,11 @@ class Watchdog:
     def __init__(self, stop, state, *, rank: int, log_file: Path, activity: Activity | None = None) -> None:
         self.stop, self.state, self.rank, self.log_file = stop, state, rank, log_file
         self.activity = activity or Activity()
-        self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, name="ringleader-watchdog", daemon=True)
 
     def start(self) -> "Watchdog":
         self.thread.start()
         return self
-
-    def close(self) -> None:
-        self.done.set()
 
     def grace(self, slowest_step: float | None) -> float:
         return 25.0 if slowest_step is None else min(25.0, max(5.0, 3 * slowest_step))
@@ -97,7 +93,8 @@ class Watchdog:
         last_step, last_step_time, slowest = self.state.step, time.monotonic(), None
         beats, alive_at = self.activity.beats, last_step_time
         asked_at = None
-        while not self.done.wait(self.POLL_S):
+        while True:  # a daemon thread: it ends with the process
+            time.sleep(self.POLL_S)
             now, step = time.monotonic(), self.state.step
             if step != last_step:
                 slowest = max(slowest or 0.0, (now - last_step_time) / max(1, step - last_step))
