@@ -268,3 +268,15 @@ def test_stdlib_instruct_deterministic_split(tmp_path):
     assert [m["role"] for m in msg] == ["user", "assistant"]
     code = "import sys, trainer.stdlib_instruct as s; s.records(); assert not {'torch', 'transformers', 'datasets'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_stdlib_instruct_files_through_the_cache(tok, tmp_path):
+    """The stdlib set's own split via validation_paths, in both formats."""
+    files = stdlib_instruct.write_jsonl(tmp_path / "si")
+    for fmt, kind in (("prompt_completion", "alpaca"), ("messages", "messages")):
+        spec = TextDataSpec(paths=[str(files[f"train.{kind}"])], validation_paths=[str(files[f"validation.{kind}"])], format=fmt, max_length=128)
+        got = tokenized.prepare(spec, tokenizer=tok, cache_dir=tmp_path / "cache")
+        assert got.samples == {"train": len(stdlib_instruct.records("train")), "validation": len(stdlib_instruct.records("validation"))}
+        ds = tokenized.TokenizedDataset(got.folder, "validation")
+        ids, labels = ds[0]
+        assert (labels != IGNORE_INDEX).sum() > 0 and (labels == IGNORE_INDEX).sum() > 0

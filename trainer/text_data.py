@@ -52,6 +52,7 @@ class TextDataSpec:
     dataset: str = ""  # or a hub dataset id (load_dataset), e.g. "tatsu-lab/alpaca"
     dataset_config: str = ""  # the hub dataset's configuration name, if it has several
     revision: str = ""  # hub dataset revision (a commit pins it)
+    validation_paths: list[str] = field(default_factory=list)  # local validation files (then no fraction is held out)
     split: str = "train"
     validation_split: str = ""  # a split of the dataset to evaluate on; else validation_fraction
     validation_fraction: float = 0.05  # of the records, picked by a seeded permutation
@@ -73,6 +74,8 @@ class TextDataSpec:
             raise ValueError(f"data.format: {self.format!r} is not one of {', '.join(FORMATS)}; set data.format")
         if bool(self.paths) == bool(self.dataset):
             raise ValueError("data.paths / data.dataset: give local files in data.paths or a hub id in data.dataset (exactly one)")
+        if self.validation_paths and not self.paths:
+            raise ValueError("data.validation_paths: only with local training files in data.paths; for a hub dataset set data.validation_split")
         if self.max_length < 2:
             raise ValueError(f"data.max_length: must be >= 2, got {self.max_length}; set e.g. data.max_length=1024")
         if not 0 <= self.validation_fraction < 1:
@@ -87,17 +90,18 @@ class TextDataSpec:
 # ---------------------------------------------------------------- files and records
 
 
-def data_files(spec: TextDataSpec) -> list[Path]:
-    """The local files of spec.paths (globs expanded, sorted); each glob must match a file."""
+def data_files(spec: TextDataSpec, key: str = "paths") -> list[Path]:
+    """The local files of spec.paths (or spec.validation_paths), globs expanded and sorted; each
+    glob must match a file."""
     files: list[Path] = []
-    for pattern in spec.paths:
+    for pattern in getattr(spec, key):
         found = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
         if not found:
-            raise ValueError(f"data.paths: {pattern!r} matches no file; set data.paths to existing .jsonl/.json/.parquet/.csv files")
+            raise ValueError(f"data.{key}: {pattern!r} matches no file; set data.{key} to existing .jsonl/.json/.parquet/.csv files")
         files.extend(found)
     kinds = {LOADERS.get(f.suffix.lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
-        raise ValueError(f"data.paths: files must all be .json/.jsonl, .parquet or .csv (one kind), got {sorted({f.suffix for f in files})}; set data.paths")
+    if files and (None in kinds or len(kinds) != 1):
+        raise ValueError(f"data.{key}: files must all be .json/.jsonl, .parquet or .csv (one kind), got {sorted({f.suffix for f in files})}; set data.{key}")
     return files
 
 
@@ -114,7 +118,11 @@ def load_splits(spec: TextDataSpec, *, cache_dir: str | None = None) -> dict[str
         loader = LOADERS[files[0].suffix.lower()]
         load = lambda split: datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)  # noqa: E731
         if spec.validation_split:
-            raise ValueError("data.validation_split: local files have one split; set data.validation_fraction instead")
+            raise ValueError("data.validation_split: local files have one split; set data.validation_paths or data.validation_fraction instead")
+        if spec.validation_paths:
+            val_files = data_files(spec, "validation_paths")
+            load_val = datasets.load_dataset(LOADERS[val_files[0].suffix.lower()], data_files=[str(f) for f in val_files], split="train", cache_dir=cache_dir)
+            return {"train": load(spec.split), "validation": load_val}
     else:
         kw: dict[str, Any] = {"revision": spec.revision or None, "cache_dir": cache_dir}
         load = lambda split: datasets.load_dataset(spec.dataset, spec.dataset_config or None, split=split, **kw)  # noqa: E731

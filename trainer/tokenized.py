@@ -81,13 +81,13 @@ def data_identity(spec: TextDataSpec, splits: dict[str, Any] | None) -> dict[str
     if spec.paths:
         from trainer.text_data import data_files
 
-        return {"files": [file_digest(f) for f in data_files(spec)]}
+        return {"files": [file_digest(f) for f in data_files(spec)], "validation_files": [file_digest(f) for f in data_files(spec, "validation_paths")]}
     assert splits is not None
     return {"dataset": spec.dataset, "config": spec.dataset_config, "revision": spec.revision, "fingerprints": {k: v._fingerprint for k, v in splits.items()}}
 
 
 def cache_key(data: dict[str, Any], tokenizer: dict[str, Any], spec: TextDataSpec) -> str:
-    settings = {k: v for k, v in spec.key().items() if k not in ("paths", "dataset", "dataset_config", "revision")}
+    settings = {k: v for k, v in spec.key().items() if k not in ("paths", "validation_paths", "dataset", "dataset_config", "revision")}
     blob = json.dumps({"v": ENCODING_VERSION, "data": data, "tokenizer": tokenizer, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
