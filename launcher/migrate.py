@@ -213,7 +213,7 @@ MAPPED: dict[str, Callable[[Any], dict[str, Any]]] = {
     "dataloader_num_workers": same("data.num_workers"),
     # Fields other helpers add to the schema: mapped once the key exists there, refused until then.
     "label_smoothing_factor": same("train.label_smoothing_factor"),
-    "data_seed": none_as("train.data_seed", -1),
+    "data_seed": same("train.data_seed"),
     "save_only_model": same("train.save_only_model"),
     "eval_delay": same("train.eval_delay"),
     "tf32": same("train.tf32"),

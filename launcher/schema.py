@@ -304,6 +304,7 @@ class TrainConfig:
     fp16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 42
+    data_seed: int | None = None  # the data order's seed (Trainer's meaning); None: seed
     logging_dir: str = ""  # "": <output_dir>/tensorboard
     # Trainer's report_to: a name or a list of tensorboard, wandb, mlflow; all; none (trainer/trackers.py).
     report_to: Any = field(default_factory=lambda: ["tensorboard"])
@@ -355,6 +356,7 @@ class TrainConfig:
         require(self.save_total_limit >= 0, "train.save_total_limit", f"must be >= 0 (0 keeps all), got {self.save_total_limit}")
         require(self.nonfinite in NONFINITE, "train.nonfinite", f"'{self.nonfinite}' is not one of error, skip")
         require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        require(self.data_seed is None or self.data_seed >= 0, "train.data_seed", f"must be >= 0, or null to follow train.seed; got {self.data_seed}")
         require(self.ddp_timeout >= 1, "train.ddp_timeout", f"must be >= 1 second, got {self.ddp_timeout}")
         require(self.ddp_backend in ("", *DDP_BACKENDS), "train.ddp_backend", f"'{self.ddp_backend}' is not one of gloo, nccl (or empty for the default)")
         require(not (self.bf16 and self.fp16), "train.fp16", "bf16 and fp16 are both on; turn one off (train.fp16=false)")

@@ -213,7 +213,7 @@ class Trainer:
             s.epoch, s.consumed = epoch, consumed
         return train_batches(
             self.train_set, s, usable=self.usable, step_samples=self.E, batch_size=t.per_device_train_batch_size, rank=rt.rank,
-            world_size=rt.world_size, seed=t.seed, num_workers=self.cfg.data.num_workers, pin_memory=rt.device.type == "cuda",
+            world_size=rt.world_size, seed=t.seed if t.data_seed is None else t.data_seed, num_workers=self.cfg.data.num_workers, pin_memory=rt.device.type == "cuda",
         )
 
     def log_stop(self, control: Control) -> None:
