@@ -20,7 +20,7 @@ from launcher.errors import ConfigError
 from launcher.registry import CLUSTERS
 
 if TYPE_CHECKING:
-    from cluster.environment import SlurmEnvironment
+    from cluster.environment import Host, SlurmEnvironment
     from launcher.plan import Plan
     from launcher.schema import RunConfig
 
@@ -56,9 +56,9 @@ class Backend(ABC):
     def render(self, cfg: RunConfig, plan: Plan, *, python: str) -> Job:
         """Pure: no file, no process, no scheduler call."""
 
-    def check_host(self, cfg: RunConfig, environ: Mapping[str, str] | None = None) -> None:
-        """What this machine must offer to start the job (a scheduler command, hardware it may
-        describe); raises ConfigError before anything is written. Default: nothing."""
+    def check_host(self, cfg: RunConfig, host: Host, environ: Mapping[str, str] | None = None) -> None:
+        """What this machine (`host`, `environ`) must offer to start the job: its GPUs, a scheduler
+        command; raises ConfigError before anything is written. Default: nothing."""
 
     @abstractmethod
     def start(self, cfg: RunConfig, plan: Plan, *, lock: int | None) -> int:

@@ -7,10 +7,13 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.backend import Backend, Job
+from cluster.environment import Host
+from launcher.errors import ConfigError
 from cluster.torchrun import standalone, torchrun_argv
 
 if TYPE_CHECKING:
@@ -26,6 +29,13 @@ class LocalBackend(Backend):
         command = torchrun_argv(python=python, nnodes=1, nproc_per_node=plan.nproc_per_node, rendezvous=standalone(),
                                 max_restarts=c.max_restarts, monitor_interval=c.monitor_interval, run_dir=plan.run_dir)
         return Job(command=command, env=dict(plan.env))
+
+    def check_host(self, cfg: RunConfig, host: Host, environ: Mapping[str, str] | None = None) -> None:
+        """A local run on GPUs needs them on this machine (a dry run may plan for another)."""
+        hw, c = cfg.hw, cfg.cluster
+        wanted = c.nproc_per_node or hw.gpus_per_node
+        if hw.accelerator == "cuda" and not cfg.dry_run and host.gpus < wanted:
+            raise ConfigError("hw", f"profile {hw.name} wants {wanted} GPUs but this machine has {host.gpus}; use +hw=cpu, a smaller profile, or cluster=slurm")
 
     def start(self, cfg: RunConfig, plan: Plan, *, lock: int | None) -> int:
         code = spawn(plan, keep_fds=(lock,))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from cluster import slurm_allocation, slurm_jobs
 from cluster.backend import Backend, BackendError, Job, JobStatus
-from cluster.environment import SlurmEnvironment, detect_environment
+from cluster.environment import Host, SlurmEnvironment, detect_environment
 from cluster.slurm_render import render_job
 from launcher.errors import ConfigError
 
@@ -43,7 +43,7 @@ class SlurmBackend(Backend):
         command, script = render_job(cfg, plan, python=python)
         return Job(command=command, env=dict(plan.env), script=script)
 
-    def check_host(self, cfg: RunConfig, environ: Mapping[str, str] | None = None) -> None:
+    def check_host(self, cfg: RunConfig, host: Host, environ: Mapping[str, str] | None = None) -> None:
         """The compute nodes' hardware cannot be this machine's (unless this is one of them); the
         run directory's path must survive sbatch's --output and the container's mount list; and a
         run that submits needs sbatch here (not a dry run: it must work on a laptop)."""

@@ -28,10 +28,10 @@ BEFORE_A_RUN = {".hydra"}
 def check_environment(cfg: RunConfig, host: Host, environ: Mapping[str, str] | None = None) -> None:
     """`cfg` has its hardware resolved (launcher/planner.py resolve_hw) and its paths made absolute."""
     check_files(cfg)
-    check_hardware(cfg, host)
+    check_hardware(cfg)
     for tracker in resolve_report_to(cfg.train.report_to):  # rank 0 imports it: refuse here, not mid-start
         require(tracker == "tensorboard" or importlib.util.find_spec(tracker) is not None, "train.report_to", f"{tracker} is not installed; pip install {tracker}, or drop it")
-    backend_for(cfg.cluster.name).check_host(cfg, environ)  # e.g. SLURM: sbatch here, a path sbatch takes
+    backend_for(cfg.cluster.name).check_host(cfg, host, environ)  # local: the GPUs here; SLURM: sbatch here, a path sbatch takes
     run_dir = Path(cfg.train.output_dir)
     check_not_foreign(run_dir)
     if not cfg.dry_run:  # a dry run may plan for a cluster's paths that do not exist here
@@ -81,7 +81,7 @@ def safetensors_error(path: Path) -> str | None:
     return None if isinstance(header, dict) else "not a safetensors file"
 
 
-def check_hardware(cfg: RunConfig, host: Host) -> None:
+def check_hardware(cfg: RunConfig) -> None:
     """Checks against the hw profile (already resolved from the host when it was `auto`)."""
     hw, t, c = cfg.hw, cfg.train, cfg.cluster
     require(hw.accelerator in ("cpu", "cuda"), "hw.accelerator", f"'{hw.accelerator}' is not one of cpu, cuda")
@@ -97,12 +97,6 @@ def check_hardware(cfg: RunConfig, host: Host) -> None:
             "cluster.nproc_per_node",
             f"{c.nproc_per_node} processes but {hw.gpus_per_node} GPUs per node; set cluster.nproc_per_node<={hw.gpus_per_node}",
         )
-        if c.name == "local" and not cfg.dry_run:
-            require(
-                host.gpus >= (c.nproc_per_node or hw.gpus_per_node),
-                "hw",
-                f"profile {hw.name} wants {c.nproc_per_node or hw.gpus_per_node} GPUs but this machine has {host.gpus}; use +hw=cpu, a smaller profile, or cluster=slurm",
-            )
 
 
 def check_not_foreign(run_dir: Path) -> None:
