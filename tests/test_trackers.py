@@ -170,6 +170,30 @@ def test_trackers_continue_one_run_across_reopenings(tmp_path, monkeypatch):
     assert len(client.search_runs([experiment.experiment_id])) == 1
 
 
+def test_mlflow_default_store_is_pinned_to_the_run(tmp_path, monkeypatch):
+    """Without MLFLOW_TRACKING_URI, MLflow's default store (mlflow.db in the working directory) is
+    saved as an absolute URI: a restart from another directory continues the same run there."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "ringleader-test")
+    run_dir, first_cwd, second_cwd = tmp_path / "run", tmp_path / "a", tmp_path / "b"
+    for d in (run_dir, first_cwd, second_cwd):
+        d.mkdir()
+    (run_dir / "config.yaml").write_text("train: {}\n")
+    monkeypatch.chdir(first_cwd)
+    first = Trackers(run_dir, ["mlflow"])
+    first.log({"step": 1, "loss": 1.5})
+    first.close()
+    uri = read_state(run_dir)["mlflow"]["tracking_uri"]
+    assert uri == f"sqlite:///{first_cwd / 'mlflow.db'}"
+    monkeypatch.chdir(second_cwd)
+    second = Trackers(run_dir, ["mlflow"])
+    second.log({"step": 2, "loss": 0.5})
+    second.close()
+    assert not (second_cwd / "mlflow.db").exists()
+    _, got = mlflow_history(read_state(run_dir)["mlflow"]["run_id"], uri)
+    assert got == Counter({("train/loss", 1, 1.5): 1, ("train/loss", 2, 0.5): 1})
+
+
 def test_tracker_imports_are_lazy(tmp_path):
     """Choosing only TensorBoard (or nothing) imports neither wandb nor mlflow."""
     code = (

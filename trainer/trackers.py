@@ -100,7 +100,7 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    """An MLflow run in MLFLOW_TRACKING_URI's store (MLflow's default when unset), under
+    """An MLflow run in MLFLOW_TRACKING_URI's store (MLflow's default, ./mlflow.db, when unset), under
     MLFLOW_EXPERIMENT_NAME (as Trainer) or `ringleader`; resumed by its saved run id."""
 
     name = "mlflow"
@@ -109,10 +109,16 @@ class MlflowTracker:
         from mlflow.entities import Param, RunStatus
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        from mlflow.tracking import get_tracking_uri
+
+        # The store as an absolute URI (MLflow's default, sqlite mlflow.db, is relative to the
+        # working directory): a restart from elsewhere still finds the run. A restart without
+        # MLFLOW_TRACKING_URI continues in the store the run started in.
         mine = state.get("mlflow", {})
-        self.client = MlflowClient(tracking_uri=uri or None)
-        if mine.get("run_id") and mine.get("tracking_uri", "") == uri:
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        uri = env_uri or mine.get("tracking_uri") or get_tracking_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        if mine.get("run_id") and mine.get("tracking_uri") == uri:
             self.run_id = mine["run_id"]
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         else:
