@@ -13,7 +13,7 @@ import argparse
 import ast
 import fnmatch
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -127,3 +127,18 @@ def test_start_status_logs_and_cancel(name: str, cluster_env: dict[str, str], tm
     result = json.loads((running.run_dir / "result.json").read_text())
     assert result["status"] == "stopped" and "requeue" not in result, result
     assert (running.run_dir / "checkpoints" / f"step-{result['global_step']}" / "COMPLETE").exists()
+
+
+def test_the_plan_round_trips_through_plan_json_and_another_version_is_refused(tmp_path: Path) -> None:
+    """What a backend renders and every rank reads: launcher.plan.Plan, written as plan.json and read
+    back typed by read_plan; a plan.json of another version is refused in one line naming the file."""
+    from launcher.errors import ConfigError
+    from launcher.plan import PLAN_VERSION, read_plan
+
+    plan = prepare(compose([*TINY, *PLACE["local"], f"train.output_dir={tmp_path / 'run'}", "dry_run=true"])).plan
+    (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
+    assert read_plan(tmp_path) == plan and read_plan(tmp_path).version == PLAN_VERSION
+    (tmp_path / "plan.json").write_text(json.dumps({**plan.to_dict(), "version": PLAN_VERSION + 1}))
+    with pytest.raises(ConfigError) as refused:
+        read_plan(tmp_path)
+    assert str(tmp_path / "plan.json") in str(refused.value) and "\n" not in str(refused.value)
