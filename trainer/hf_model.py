@@ -176,26 +176,51 @@ def weight_files(name_or_path: str) -> list[Path]:
 
 
 def load_full_state_dict(model: nn.Module, name_or_path: str | None) -> None:
-    """Fill a materialised (possibly FSDP2-sharded) model from rank 0's safetensors files:
-    rank 0 memory-maps them and broadcasts; each rank keeps only its shards. Other ranks pass
-    None. Needs the process group (gloo or nccl) when the world is larger than 1."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
+    """Fill a materialised (possibly FSDP2-sharded) model from rank 0's safetensors files, one
+    tensor at a time: rank 0 reads it from the memory-mapped file, every rank receives it and keeps
+    its shard (distribute_tensor scatters from rank 0). Peak extra memory per rank: the largest
+    tensor, not the model (torch's set_model_state_dict(broadcast_from_rank0) held ~3x the
+    weights per rank here). Other ranks pass None; they know names and shapes from their own
+    meta-built model. Needs the process group when the world is larger than 1."""
     import torch.distributed as dist
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    full: dict[str, torch.Tensor] = {}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank0 = world == 1 or dist.get_rank() == 0
+    targets = model.state_dict()
+    where: dict[str, Any] = {}
+    problem = ""
     if rank0:
         assert name_or_path is not None
         for f in weight_files(name_or_path):
-            full.update(load_file(str(f)))
-        # Checkpoints of tied models carry the embedding once; the head is the same tensor.
-        for name, _ in model.named_parameters(remove_duplicate=False):
-            if name not in full and getattr(model.config, "tie_word_embeddings", False) and name.endswith("lm_head.weight"):
-                full[name] = full[next(k for k in full if k.endswith("embed_tokens.weight"))]
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized() and dist.get_world_size() > 1, strict=False)
-    set_model_state_dict(model, full, options=options)
+            handle = safe_open(str(f), framework="pt")
+            where.update({k: handle for k in handle.keys()})
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        missing = [k for k in targets if k not in where and not (tied and k.endswith("lm_head.weight"))]
+        if missing:
+            problem = f"model.name_or_path: {name_or_path} lacks {len(missing)} weights of {type(model).__name__} (e.g. {missing[0]}); is it the same architecture as its config.json?"
+    if world > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ValueError(problem)
+    embed = next((k for k in targets if k.endswith("embed_tokens.weight")), "")
+    with torch.no_grad():
+        for name, target in targets.items():
+            local = target.to_local() if isinstance(target, DTensor) else target
+            if rank0:
+                full = where[name if name in where else embed].get_tensor(name if name in where else embed).to(dtype=local.dtype, device=local.device)
+            else:
+                full = torch.empty(target.shape, dtype=local.dtype, device=local.device)
+            if isinstance(target, DTensor):
+                target.copy_(distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=0))
+            else:
+                if world > 1:
+                    dist.broadcast(full, src=0)
+                target.copy_(full)
+            del full
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 
