@@ -80,6 +80,11 @@ class Backend(ABC):
         """The job's own log (the batch script's), beside the ranks' logs."""
         raise BackendError(f"the {self.name} backend keeps no jobs")
 
+    def allocation_overrides(self, overrides: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
+        """Overrides that the place this process runs in implies (a task of an allocation: this
+        backend, the allocation's nodes, one run directory for all its tasks). Default: none."""
+        return []
+
     def allocation_task(self, environ: Mapping[str, str] | None = None) -> SlurmEnvironment | None:
         """This process, when it is one task of a step that already holds the job's nodes (by hand:
         `srun python -m launcher ...`); then `run_task` starts this node's share. Default: never."""
@@ -104,6 +109,15 @@ def backend_for(name: str) -> Backend:
     module, _, cls = BACKENDS[name].partition(":")
     backend: Backend = getattr(importlib.import_module(module), cls)()
     return backend
+
+
+def allocation_overrides(overrides: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """What the first backend that finds this process inside one of its allocations adds to the
+    user's overrides (`srun python -m launcher ...`), else nothing."""
+    for name in BACKENDS:
+        if extra := backend_for(name).allocation_overrides(overrides, environ):
+            return extra
+    return []
 
 
 def recorded_job(run_dir: Path) -> tuple[Backend, str] | None:

@@ -98,6 +98,9 @@ class SlurmBackend(Backend):
     def job_log(self, run_dir: Path, job_id: str) -> Path:
         return run_dir / "logs" / f"slurm-{job_id}.log"
 
+    def allocation_overrides(self, overrides: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
+        return slurm_allocation.allocation_overrides(overrides, environ)
+
     def allocation_task(self, environ: Mapping[str, str] | None = None) -> SlurmEnvironment | None:
         return slurm_allocation.allocation_task(environ)
 

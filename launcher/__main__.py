@@ -9,7 +9,12 @@ from __future__ import annotations
 import gc
 import sys
 
+from typing import TYPE_CHECKING
+
 from launcher.cli import USAGE, error, parse_args
+
+if TYPE_CHECKING:
+    from launcher.compose import Composed
 
 VERBS = ("status", "logs", "cancel", "export", "summary")
 
@@ -44,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compose_and_start(overrides: list[str], config_dirs: list[str], config_name: str, show: bool) -> int:
+    from cluster.backend import allocation_overrides
     from launcher.compose import ConfigError, compose
-
-    from cluster.slurm_allocation import allocation_overrides
 
     try:
         overrides += allocation_overrides(overrides)  # `srun python -m launcher ...` inside an allocation
@@ -61,7 +65,7 @@ def compose_and_start(overrides: list[str], config_dirs: list[str], config_name:
     return launch(composed)
 
 
-def launch(composed) -> int:
+def launch(composed: Composed) -> int:
     from launcher.errors import ConfigError
     from launcher.start import start
 
