@@ -210,6 +210,8 @@ def test_cache_hit_reuses_and_settings_invalidate(tok, tmp_path, monkeypatch):
     first = tokenized.prepare(spec, tokenizer=tok, cache_dir=tmp_path / "cache")
     assert not first.hit and sum(calls) == 120
     assert first.samples == {"train": 108, "validation": 12}
+    train = tokenized.TokenizedDataset(first.folder, "train")
+    assert first.packed_samples["train"] == len(pack_bins(train.lengths.tolist(), 64)) < 108  # the plan's count with packing
     second = tokenized.prepare(spec, tokenizer=tok, cache_dir=tmp_path / "cache")
     assert second.hit and second.folder == first.folder and sum(calls) == 120  # nothing tokenized
     # A changed setting, a changed byte of data, a changed tokenizer: each a new entry.
@@ -266,7 +268,7 @@ def test_stdlib_instruct_deterministic_split(tmp_path):
         assert path.read_bytes() == (tmp_path / "again" / path.name).read_bytes(), name
     msg = json.loads(written["train.messages"].read_text().splitlines()[0])["messages"]
     assert [m["role"] for m in msg] == ["user", "assistant"]
-    code = "import sys, trainer.stdlib_instruct as s; s.records(); assert not {'torch', 'transformers', 'datasets'} & set(sys.modules)"
+    code = "import sys, trainer.stdlib_instruct as s, trainer.tokenized, trainer.text_data; s.records(); assert not {'torch', 'transformers', 'datasets'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

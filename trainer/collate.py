@@ -20,12 +20,15 @@ trainer.hf_model.packing_refusal names that case.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+
+from trainer.tokenized import pack_bins  # torch-free, so the tokenizing pre-step counts packed rows without torch
+
+__all__ = ["IGNORE_INDEX", "PackedDataset", "flatten_collate", "pack_bins", "pack_samples", "pad_collate"]
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
@@ -81,36 +84,6 @@ def flatten_collate(samples: Sequence[Any]) -> Batch:
         "labels": torch.cat([r["labels"] for r in rows]).unsqueeze(0).long(),
         "position_ids": torch.cat([torch.arange(len(r["input_ids"])) for r in rows]).unsqueeze(0),
     }
-
-
-def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Sample indices grouped into bins of at most `max_length` tokens, best-fit decreasing (the
-    longest sample first into the fullest bin it fits): deterministic, a few percent of padding
-    at most on typical data. Each bin lists its samples in index order. A sample longer than
-    max_length is an error: truncate first (text_data does)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (space left, bin number), sorted
-    for i in order:
-        n = lengths[i]
-        if n > max_length:
-            raise ValueError(f"pack_bins: sample {i} has {n} tokens > max_length {max_length}")
-        if n == 0:
-            continue
-        at = bisect.bisect_left(free, (n, -1))
-        if at < len(free):
-            space, b = free.pop(at)
-            bins[b].append(i)
-            if space - n:
-                bisect.insort(free, (space - n, b))
-        else:
-            bins.append([i])
-            if max_length - n:
-                bisect.insort(free, (max_length - n, len(bins) - 1))
-    for b in bins:
-        b.sort()
-    bins.sort(key=lambda b: b[0])
-    return bins
 
 
 def pack_samples(samples: Sequence[Any]) -> dict[str, torch.Tensor]:
