@@ -211,7 +211,7 @@ def test_cache_hit_reuses_and_settings_invalidate(tok, tmp_path, monkeypatch):
     assert not first.hit and sum(calls) == 120
     assert first.samples == {"train": 108, "validation": 12}
     train = tokenized.TokenizedDataset(first.folder, "train")
-    assert first.packed_samples["train"] == len(pack_bins(train.lengths.tolist(), 64)) < 108  # the plan's count with packing
+    assert first.packed_samples["train"] == len(pack_bins(train.lengths.tolist(), 64)) <= 108  # the plan's count with packing (Alpaca prompts fill most of 64 tokens)
     second = tokenized.prepare(spec, tokenizer=tok, cache_dir=tmp_path / "cache")
     assert second.hit and second.folder == first.folder and sum(calls) == 120  # nothing tokenized
     # A changed setting, a changed byte of data, a changed tokenizer: each a new entry.
@@ -279,6 +279,8 @@ def test_stdlib_instruct_files_through_the_cache(tok, tmp_path):
         spec = TextDataSpec(paths=[str(files[f"train.{kind}"])], validation_paths=[str(files[f"validation.{kind}"])], format=fmt, max_length=128)
         got = tokenized.prepare(spec, tokenizer=tok, cache_dir=tmp_path / "cache")
         assert got.samples == {"train": len(stdlib_instruct.records("train")), "validation": len(stdlib_instruct.records("validation"))}
+        if fmt == "messages":  # short chats: several to a 128-token row
+            assert got.packed_samples["train"] < got.samples["train"] / 2
         ds = tokenized.TokenizedDataset(got.folder, "validation")
         ids, labels = ds[0]
         assert (labels != IGNORE_INDEX).sum() > 0 and (labels == IGNORE_INDEX).sum() > 0
