@@ -185,3 +185,25 @@ def test_fsdp_meta_build_rank0_broadcast_two_ranks(tmp_path):
         torch.testing.assert_close(torch.tensor(r["logits_first"]), logits[0, :3, :5], rtol=1e-5, atol=1e-6)
         assert r["local_params"] <= total // 2 + 1000
     assert sum(r["local_params"] for r in ranks) == total
+
+
+def test_launcher_side_checks_without_torch(tmp_path):
+    """What validate.py can check before any process: a chat template present, a file's fields."""
+    from trainer.hf_config import has_chat_template, record_fields
+
+    assert has_chat_template(SHIPPED_TINY) is True
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    assert has_chat_template(tmp_path / "tok") is False
+    assert has_chat_template("Qwen/Qwen2.5-0.5B") is None
+    (tmp_path / "a.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    (tmp_path / "b.csv").write_text("text,label\nhello,1\n")
+    (tmp_path / "c.json").write_text('[{"messages": []}]')
+    assert record_fields(tmp_path / "a.jsonl") == ["instruction", "output"]
+    assert record_fields(tmp_path / "b.csv") == ["text", "label"]
+    assert record_fields(tmp_path / "c.json") == ["messages"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "d.parquet")
+    assert record_fields(tmp_path / "d.parquet") == ["text"]

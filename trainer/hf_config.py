@@ -62,3 +62,44 @@ def _gpt2(cfg: dict[str, Any]) -> int:
     layer = 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + 2 * h + (h * inner + inner) + (inner * h + h)
     tied = cfg.get("tie_word_embeddings", True)
     return v * h + cfg["n_positions"] * h + n * layer + 2 * h + (0 if tied else v * h)
+
+
+def has_chat_template(tokenizer_dir: str | os.PathLike) -> bool | None:
+    """Whether a local tokenizer folder carries a chat template (tokenizer_config.json's
+    "chat_template", or a chat_template.jinja / .json file, as transformers reads them); None when
+    the folder is not local (a hub id: the ranks' pre-step finds out)."""
+    folder = Path(os.path.expanduser(str(tokenizer_dir)))
+    if not folder.is_dir():
+        return None
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file() or (folder / "additional_chat_templates").is_dir():
+        return True
+    cfg = folder / "tokenizer_config.json"
+    return bool(cfg.is_file() and json.loads(cfg.read_text()).get("chat_template"))
+
+
+def record_fields(path: str | os.PathLike) -> list[str]:
+    """The field names of a local data file's first record, read without `datasets`: JSONL (first
+    line), JSON (first object of a list), CSV (header), Parquet (schema, through pyarrow)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    return list(json.loads(line))
+        return []
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        # A list of records, or one object (a record, or a dict of columns: its keys either way).
+        first = data[0] if isinstance(data, list) and data else data
+        return list(first) if isinstance(first, dict) else []
+    if suffix == ".csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), [])
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    raise ValueError(f"data.paths: {path} is not .jsonl/.json/.csv/.parquet")
