@@ -211,7 +211,10 @@ def test_tracker_imports_are_lazy(tmp_path):
 def test_two_rank_run_crashes_resumes_and_keeps_one_tracker_run(tmp_path):
     """Rank 1 SIGKILLs itself at step 10; rerunning the same command resumes from step-8. wandb
     (offline) and MLflow (file store) each hold one run, named by train.run_name, whose metrics
-    equal metrics.jsonl line for line, steps 9 and 10 logged twice as metrics.jsonl has them."""
+    equal metrics.jsonl line for line, steps 9 and 10 logged twice as metrics.jsonl has them.
+    When the whole file runs, this process holds a wandb service from the tests above and the
+    ranks inherit its WANDB_SERVICE: rank 0 must start its own (the crashed attempt's run would
+    still be open in the shared one)."""
     run_dir = tmp_path / "run"
     overrides = [*TINY, "train.max_steps=12", "train.save_strategy=steps", "train.save_steps=4", "train.eval_strategy=steps", "train.eval_steps=4",
                  "train.report_to=[wandb,mlflow]", "train.run_name=resumed-twice"]

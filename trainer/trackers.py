@@ -83,6 +83,10 @@ class WandbTracker:
             alphabet = string.ascii_lowercase + string.digits
             mine.update(id="".join(secrets.choice(alphabet) for _ in range(8)), project=project)
             write_state(run_dir, state)  # before wandb hears of it: a crash in between still resumes it
+        # A service token inherited from whatever started the job (a notebook, a sweep driver, a
+        # test process) would put this run in that process's wandb service, where a crashed
+        # earlier attempt may still hold the run id ("run ID ... is in use"). Rank 0 starts its own.
+        os.environ.pop("WANDB_SERVICE", None)
         self.run = wandb.init(
             id=mine["id"], resume="allow", project=mine["project"], name=run_name, dir=str(run_dir), config=config,
             settings=wandb.Settings(console="off"),  # ranks keep their own logs/rank-N.log
