@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.verbs import run_verb
 
         return run_verb(args[0], args[1:])
+    if args and args[0] == "--from-training-args":  # Hugging Face TrainingArguments JSON -> this command line
+        from launcher.migrate import main_from_training_args
+        return main_from_training_args(args[1:])
     if any(a in ("-m", "--multirun") for a in args):
         from launcher.sweep import run_sweep
 

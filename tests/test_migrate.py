@@ -36,7 +36,7 @@ def training_args_json(tmp_path: Path, name: str = "args.json", *, bf16: bool = 
 
 
 def migrate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.migrate", str(path)], capture_output=True, text=True, cwd=ROOT, env=launcher_env(), timeout=60)
+    return subprocess.run([sys.executable, "-m", "launcher", "--from-training-args", str(path)], capture_output=True, text=True, cwd=ROOT, env=launcher_env(), timeout=60)
 
 
 def test_defaults_table_is_this_transformers(tmp_path):
