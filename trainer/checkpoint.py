@@ -30,6 +30,7 @@ import re
 import shutil
 import sys
 import threading
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,7 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, step: int, strategy, loop_state: dict[str, Any], *, keep: set[int] = frozenset(), asynchronous: bool = False) -> None:
+    def save(self, step: int, strategy, loop_state: dict[str, Any], *, keep: AbstractSet[int] = frozenset(), asynchronous: bool = False) -> None:
         """Save the state after `step`. Collective. With `asynchronous`, a thread copies the state
         and writes it; this returns at once, and the strategy's next step() waits for the copy
         only (see NativeStrategy.staged_state). The next save (or `wait`) waits for the whole."""
@@ -236,7 +237,7 @@ class CheckpointManager:
         written = strategy.save_state(tmp, process_group=self.group)
         self._commit(step, tmp, rng, loop_state, keep, strategy, written)
 
-    def _commit(self, step: int, tmp: Path, rng: dict[str, torch.Tensor], loop_state: dict[str, Any], keep: set[int], strategy, written: dict[str, FileInfo] | None) -> None:
+    def _commit(self, step: int, tmp: Path, rng: dict[str, torch.Tensor], loop_state: dict[str, Any], keep: AbstractSet[int], strategy, written: dict[str, FileInfo] | None) -> None:
         """Write this rank's RNG state (rank 0: the loop's state and the config), describe the files
         and, on rank 0, write the marker and rename. `written`: the files the strategy wrote on this
         rank, fsynced, with size and CRC32; None when it cannot tell (DeepSpeed), and then the ranks
@@ -276,7 +277,7 @@ class CheckpointManager:
         if failed:
             raise CheckpointError(f"{self.root / f'step-{step}'}: rank 0 could not commit the checkpoint (its error is in logs/rank-0.log)")
 
-    def _finish(self, step: int, tmp: Path, names: list[str], keep: set[int]) -> None:
+    def _finish(self, step: int, tmp: Path, names: list[str], keep: AbstractSet[int]) -> None:
         """Rank 0: merge the manifests into the marker, rename the folder into place, apply retention."""
         files: dict[str, FileInfo] = {}
         for r in range(self.world_size):
@@ -319,7 +320,7 @@ class CheckpointManager:
             if path.exists():
                 os.truncate(path, path.stat().st_size // 2)
 
-    def apply_retention(self, keep: set[int], step: int | None = None) -> None:
+    def apply_retention(self, keep: AbstractSet[int], step: int | None = None) -> None:
         """Keep the `save_total_limit` most recently saved checkpoints, and always the one just
         written (`step`), the most recent and those in `keep` (the best one, with
         load_best_model_at_end). Recent by save order, not step number: after a fallback to an
@@ -410,7 +411,8 @@ class CheckpointManager:
         from launcher.trajectory import changed_keys, describe
 
         old = OmegaConf.to_container(OmegaConf.load(saved))
-        diff = changed_keys(old, state.get("world_size"), self.config, self.world_size)
+        assert isinstance(old, dict)  # a config.yaml is a mapping
+        diff = changed_keys({str(k): v for k, v in old.items()}, state.get("world_size"), self.config, self.world_size)
         if not diff:
             return
         if not self.allow_config_change:

@@ -6,7 +6,8 @@ resume restores it directly, in O(1), on any world size, instead of replaying th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from launcher import corpus
 from trainer.model_io import collate
 
 
-def collate_fn_of(dataset: Dataset):
+def collate_fn_of(dataset: Any) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
     """The dataset's own collator (`collate_fn`: padding, packing), else stacking equal-length
     samples; either gives the batch dict of trainer/model_io.py."""
     return getattr(dataset, "collate_fn", None) or collate
@@ -116,7 +117,7 @@ class ResumableSampler(Sampler[int]):
         return len(range(self.consumed + self.rank, self.end, self.world_size))
 
 
-def train_batches(dataset: Dataset, state, *, usable: int, step_samples: int, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool) -> Iterator:
+def train_batches(dataset: Any, state, *, usable: int, step_samples: int, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool) -> Iterator:
     """Micro-batches forever, epoch after epoch, each epoch starting from the state's position as it
     is when the epoch's first batch is asked for (the loop advances the state after each step,
     and starts a new epoch where epoch_ends says so)."""
@@ -138,7 +139,7 @@ def train_batches(dataset: Dataset, state, *, usable: int, step_samples: int, ba
         yield from loader
 
 
-def eval_batches(dataset: Dataset, *, batch_size: int, rank: int, world_size: int, max_batches: int) -> DataLoader:
+def eval_batches(dataset: Any, *, batch_size: int, rank: int, world_size: int, max_batches: int) -> DataLoader:
     """The validation split, every rank the same number of samples (sharded strategies need every
     rank in every forward), at most world_size - 1 samples left out."""
     per_rank = len(dataset) // world_size

@@ -19,12 +19,12 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from launcher.plan import Plan
 from launcher.schema import RunConfig
 from trainer.checkpoint import CheckpointManager
 from trainer.control import STOPPED, Control, FlowControl, track_evaluation
@@ -106,9 +106,7 @@ def all_reduce(values: list[float], op=None) -> list[float]:
 
 
 class Trainer:
-    def __init__(self, *, cfg: RunConfig, plan: Any, runtime: Runtime, strategy: Strategy, train_set, eval_set, checkpoints: CheckpointManager, metrics: MetricsLogger, state: LoopState) -> None:
-        if isinstance(plan, dict):  # until the ranks read the typed plan (launcher.plan.read_plan)
-            plan = SimpleNamespace(**plan)
+    def __init__(self, *, cfg: RunConfig, plan: Plan, runtime: Runtime, strategy: Strategy, train_set, eval_set, checkpoints: CheckpointManager, metrics: MetricsLogger, state: LoopState) -> None:
         self.cfg, self.plan, self.rt, self.strategy = cfg, plan, runtime, strategy
         self.train_set, self.eval_set = train_set, eval_set
         self.checkpoints, self.metrics, self.state = checkpoints, metrics, state
@@ -227,11 +225,10 @@ class Trainer:
 
     def on_nonfinite(self, local_loss: float, grad_norm: torch.Tensor) -> None:
         s = self.state
-        losses = [float(local_loss)]
+        losses: list[Any] = [float(local_loss)]
         if dist.is_initialized():
-            gathered = [None] * self.rt.world_size
-            dist.all_gather_object(gathered, float(local_loss))
-            losses = gathered
+            losses = [None] * self.rt.world_size
+            dist.all_gather_object(losses, float(local_loss))
         bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
         where = f"loss {losses[bad[0]]} on rank(s) {', '.join(map(str, bad))}" if bad else f"gradient norm {float(grad_norm)} (loss finite on every rank)"
         if self.cfg.train.nonfinite == "skip":

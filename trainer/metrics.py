@@ -42,7 +42,7 @@ class MetricsLogger:
 
         self.use_tensorboard = enabled and "tensorboard" in resolve_report_to(report_to)
         self.trackers = open_trackers(run_dir, report_to) if enabled else None
-        self.writer = None  # created at the first event: importing TensorBoard costs ~1 s
+        self.writer: Any = None  # created at the first event: importing TensorBoard costs ~1 s
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.bar = None
         if enabled and sys.stdout.isatty():

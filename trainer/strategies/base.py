@@ -147,8 +147,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Per transformer block: ringleader's GPT has the switch; a user's model may define
     `gradient_checkpointing_enable()` as Hugging Face models do."""
     if hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable()  # type: ignore[operator]
     elif hasattr(model, "gradient_checkpointing"):
-        model.gradient_checkpointing = True
+        setattr(model, "gradient_checkpointing", True)
     else:
         raise ValueError("train.gradient_checkpointing: this model has no gradient_checkpointing switch; set it to false")

@@ -46,12 +46,12 @@ class FSDPStrategy(NativeStrategy):
 
     def set_gradient_sync(self, sync: bool) -> None:
         # Non-final micro-batches keep unsharded gradients locally and reduce-scatter once.
-        self.model.set_requires_gradient_sync(sync)
+        self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]  # FSDPModule's, added by fully_shard
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The norm over all ranks' shards (a DTensor reduction), then clipping with it."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else math.inf, norm, foreach=True)

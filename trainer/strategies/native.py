@@ -88,14 +88,14 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
-def same_layout(buffer: torch.Tensor | None, t: torch.Tensor) -> bool:
+def same_layout(buffer: Any, t: Any) -> bool:
     """Whether a staging buffer kept from the previous save can take `t`."""
     if buffer is None or type(buffer) is not type(t) or buffer.shape != t.shape or buffer.dtype != t.dtype:
         return False
     return not is_dtensor(t) or (buffer.placements == t.placements and buffer.device_mesh == t.device_mesh)
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
+def local(t: Any) -> torch.Tensor:
     """A DTensor's shard on this rank (FSDP), or the tensor itself."""
     return t.to_local() if is_dtensor(t) else t
 
@@ -242,10 +242,10 @@ class NativeStrategy(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=options)
+        return get_model_state_dict(self.model, options=options)  # type: ignore[return-value]  # tensors only
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         self.wait_for_staging()
-        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        set_model_state_dict(self.model, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
