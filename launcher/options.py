@@ -37,7 +37,6 @@ SCHEDULE_KWARGS: dict[str, dict[str, tuple[type, Any]]] = {
         "min_lr_ratio": (float, 0.0),
     },
 }
-SCHEDULES = tuple(SCHEDULE_KWARGS)
 WSD_SHAPES = ("linear", "cosine", "1-sqrt")
 # Trainer schedules ringleader does not run, and why (the refusal says it).
 UNSUPPORTED_SCHEDULES = {
@@ -77,7 +76,7 @@ def schedule_kwargs(name: str, given: dict[str, Any] | None, *, learning_rate: f
     if name in UNSUPPORTED_SCHEDULES:
         raise OptionError("name", f"{name} is not supported: {UNSUPPORTED_SCHEDULES[name]}")
     if name not in SCHEDULE_KWARGS:
-        raise OptionError("name", f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
+        raise OptionError("name", f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULE_KWARGS)}")
     spec = SCHEDULE_KWARGS[name]
     out: dict[str, Any] = {}
     for key, value in (given or {}).items():
@@ -149,12 +148,6 @@ def reserved_field(name: str, key: str) -> str | None:
     if name in ADAMW or name in BITSANDBYTES:
         return ADAM_FIELD_OF.get(key)
     return None
-
-
-UNSUPPORTED_OPTIMIZERS = {
-    "adamw_torch_xla": "XLA is not a ringleader device",
-    "adamw_torch_npu_fused": "NPU is not a ringleader device",
-}
 
 
 def parse_optim_args(name: str, text: str) -> dict[str, Any]:

@@ -123,3 +123,11 @@ def test_schedule_tables_import_no_torch():
 
     code = "import sys, trainer.optim as o; o.schedule_kwargs('polynomial', {'power': 2}, learning_rate=1.0); o.parse_optim_args('sgd', 'nesterov=true'); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=launcher_env())
+
+
+def test_every_registered_schedule_has_its_arguments_table():
+    from launcher.options import SCHEDULE_KWARGS
+    from launcher.registry import SCHEDULERS
+
+    assert set(SCHEDULE_KWARGS) == set(SCHEDULERS)
+    assert {c[0] for c in CASES} == set(SCHEDULERS)  # and each is compared with transformers above
