@@ -87,3 +87,22 @@ def test_new_optimizers_train_for_real(strategy, tmp_path):
     run = run_launcher(tmp_path / "run", *TINY, f"strategy={strategy}", *optimizer, "train.max_steps=12", "scheduler=constant", "train.report_to=[]")
     losses = [m["loss"] for m in run.metrics() if "loss" in m]
     assert run.result()["status"] == "completed" and losses[-1] < losses[0], losses
+
+
+def test_a_changed_config_resume_keeps_adafactors_own_eps_and_applies_optim_args():
+    """train.resume_with_changed_config writes the new optimizer.* values into the restored
+    groups, optim_args included; Adafactor's eps is a pair of its own, not optimizer.adam_epsilon."""
+    from types import SimpleNamespace
+
+    from launcher.schema import RunConfig, SchedulerConfig
+    from trainer.checkpoint import apply_new_config
+    from trainer.optim import build_scheduler
+
+    net = model()
+    cfg = RunConfig(optimizer=OptimizerConfig(name="adafactor", learning_rate=1e-3), scheduler=SchedulerConfig(name="constant"))
+    opt = build_optimizer(net, cfg.optimizer)
+    strategy = SimpleNamespace(optimizer=opt, scheduler=build_scheduler(opt, cfg.scheduler, total_steps=10, warmup_steps=0))
+    apply_new_config(strategy, RunConfig(optimizer=OptimizerConfig(name="adafactor", learning_rate=2e-3, optim_args="clip_threshold=3.0"), scheduler=cfg.scheduler))
+    assert opt.param_groups[0]["eps"] == (1e-30, 1e-3) and opt.param_groups[0]["lr"] == 2e-3
+    assert opt.param_groups[0]["clip_threshold"] == 3.0  # a new optim_args value applies too
+    one_step(opt, net)

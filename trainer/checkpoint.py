@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from launcher.files import fsync_dir
+from launcher.options import parse_optim_args
 from trainer.durable import FileInfo, crc32_of, describe, write_file
 from trainer.faults import fault_point
 
@@ -434,10 +435,11 @@ def apply_new_config(strategy, cfg) -> None:
             group["weight_decay"] = o.weight_decay
         if "betas" in group:
             group["betas"] = (o.adam_beta1, o.adam_beta2)
-        if "eps" in group:
+        if "eps" in group and not isinstance(group["eps"], tuple):  # Adafactor's eps is its own (eps1, eps2)
             group["eps"] = o.adam_epsilon
         if "momentum" in group:
             group["momentum"] = o.momentum
+        group.update((k, v) for k, v in parse_optim_args(o.name, o.optim_args).items() if k in group)  # optimizer.optim_args
     scheduler.base_lrs = [o.learning_rate] * len(optimizer.param_groups)
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
