@@ -246,7 +246,7 @@ def schema_keys() -> set[str]:
 
     keys: set[str] = set()
     for f in dataclasses.fields(RunConfig):
-        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(sub):
             keys.update(f"{f.name}.{g.name}" for g in dataclasses.fields(sub))
         else:
