@@ -43,6 +43,12 @@ def count_parameters(cfg: RunConfig) -> int:
     m = cfg.model
     if m._target_ == "trainer.model.GPT":
         return gpt_parameters(**{k: getattr(m, k) for k in ("vocab_size", "block_size", "n_layer", "n_embd", "bias")})
+    if m.is_transformers and not m.num_parameters:  # from config.json alone (local, or in the hub cache)
+        from launcher.hf_config import num_parameters, read_config, source_folder
+
+        folder = source_folder(m.name_or_path or m.config, revision=m.revision)
+        config = read_config(folder) if folder is not None else None
+        return (num_parameters(config) or 0) if config else 0
     return m.num_parameters
 
 

@@ -16,7 +16,7 @@ from launcher.errors import ConfigError
 PLAN_FILE = "plan.json"
 # Raised whenever a field is added, removed or changes its meaning: ranks refuse a plan.json of
 # another version instead of misreading it (a SLURM requeue after an upgrade, say).
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(kw_only=True)
@@ -50,6 +50,11 @@ class Plan:
     memory: dict[str, float] = field(default_factory=dict)  # GB per rank (launcher/memory.py)
     warnings: list[str] = field(default_factory=list)
     deepspeed: dict = field(default_factory=dict)  # the derived DeepSpeed config, zero* strategies
+    # Text records for a transformers model (data=jsonl, hf, stdlib_instruct): the tokenized cache
+    # folder the ranks memory-map ("" in a dry run before tokenization), and its counts
+    # (launcher/tokenize_step.py Tokenized: samples, tokens, packed_samples, pad_token_id, hit).
+    data_cache: str = ""
+    tokenized: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

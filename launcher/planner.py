@@ -17,6 +17,7 @@ from launcher.memory import plan_memory
 from launcher.plan import Plan
 from launcher.schema import HwConfig, RunConfig
 from launcher import corpus
+from launcher.tokenize_step import Tokenized
 
 
 def resolve_hw(hw: HwConfig, host: Host) -> HwConfig:
@@ -35,7 +36,11 @@ def processes_per_node(cfg: RunConfig) -> int:
     return cfg.hw.gpus_per_node if cfg.hw.accelerator == "cuda" else cfg.hw.cpu_ranks
 
 
-def count_samples(cfg: RunConfig, split: str) -> int:
+def count_samples(cfg: RunConfig, split: str, tokenized: Tokenized | None = None) -> int | None:
+    """Samples of a split; None when not known yet (text data in a dry run before tokenization).
+    With packing, the packed rows."""
+    if cfg.data.is_text:
+        return tokenized.count(split, packing=cfg.data.packing) if tokenized is not None else None
     if cfg.data._target_:
         return cfg.data.num_samples if split == "train" else 0
     try:
@@ -44,21 +49,23 @@ def count_samples(cfg: RunConfig, split: str) -> int:
         raise ConfigError("data.paths", f"cannot read the dataset ({exc}); check data.paths") from exc
 
 
-def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
+def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized | None = None) -> Plan:
     t = cfg.train
     nproc = processes_per_node(cfg)
     world = cfg.cluster.nodes * nproc
     effective = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
-    train_samples = count_samples(cfg, "train")
-    eval_samples = count_samples(cfg, "validation")
+    counted = count_samples(cfg, "train", tokenized)
+    unknown = counted is None  # a dry run before tokenization: plan what can be planned
+    train_samples = counted or 0
+    eval_samples = count_samples(cfg, "validation", tokenized) or 0
     steps_per_epoch = train_samples // effective
-    if steps_per_epoch == 0 and not (cfg.data._target_ and t.max_steps > 0):
+    if steps_per_epoch == 0 and not unknown and not (cfg.data._target_ and t.max_steps > 0):
         raise ConfigError(
             "train.per_device_train_batch_size",
             f"the dataset has {train_samples} training samples, fewer than one effective batch of {effective}; "
             "lower the batch or accumulation, or use more data (data.max_bytes)",
         )
-    if t.eval_strategy != "no" and eval_samples < world:
+    if t.eval_strategy != "no" and eval_samples < world and not unknown:
         raise ConfigError("data.validation_fraction", f"the validation split has {eval_samples} samples for {world} ranks; raise data.validation_fraction or set train.eval_strategy=no")
     if t.max_steps > 0:
         total = t.max_steps
@@ -91,6 +98,11 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path) -> Plan:
         tokens_per_step=effective * cfg.data.seq_len,
         env=env,
     )
+    if tokenized is not None and tokenized.folder:
+        plan.data_cache = tokenized.folder
+        plan.tokenized = dataclasses.asdict(tokenized)
+    elif unknown:
+        plan.warnings.append("samples: known after tokenization (a dry run tokenizes nothing); steps from train.max_steps only")
     if cfg.strategy.is_deepspeed:
         plan.deepspeed = deepspeed_config(cfg, world_size=world)
     plan.memory, memory_warnings = plan_memory(cfg, world_size=world)
@@ -104,6 +116,18 @@ def format_gb(gb: float) -> str:
     return f"{gb:.3g} GB" if gb >= 0.1 else f"{gb * 1e3:.3g} MB"
 
 
+def samples_line(plan: Plan, cfg: RunConfig) -> str:
+    if cfg.data.is_text and not plan.data_cache:
+        return "known after tokenization"
+    line = f"{plan.train_samples} train, {plan.eval_samples} validation"
+    if plan.data_cache:
+        tok = plan.tokenized
+        packed = f" packed rows of {cfg.data.seq_len} tokens from {tok['samples'].get('train', 0)} samples," if cfg.data.packing else ""
+        how = "cache hit, nothing tokenized" if tok.get("hit") else f"tokenized in {tok.get('seconds', 0):.1f} s"
+        line += f" ({packed} {tok['tokens'].get('train', 0)} train tokens; {how}: {plan.data_cache})".replace("( ", "(")
+    return line
+
+
 def render_plan(plan: Plan, cfg: RunConfig) -> str:
     """The plan as a person reads it, printed before every launch."""
     rows = [
@@ -113,7 +137,7 @@ def render_plan(plan: Plan, cfg: RunConfig) -> str:
         ("model / data", f"{cfg.model.name} / {cfg.data.name} (seq_len {cfg.data.seq_len})"),
         ("strategy", f"{plan.strategy}, {plan.precision}" + (", gradient checkpointing" if cfg.train.gradient_checkpointing else "")),
         ("batch", f"{plan.per_device_train_batch_size} per device x {plan.world_size} ranks x {plan.gradient_accumulation_steps} accumulation = {plan.effective_batch_size} effective ({plan.tokens_per_step} tokens/step)"),
-        ("samples", f"{plan.train_samples} train, {plan.eval_samples} validation"),
+        ("samples", samples_line(plan, cfg)),
         ("steps", f"{plan.steps_per_epoch} per epoch, {plan.total_steps} total ({plan.num_train_epochs:.3g} epochs), warmup {plan.warmup_steps}"),
         ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g}, {cfg.scheduler.name} schedule"),
     ]

@@ -12,9 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cluster.environment import describe_host
 from launcher.compose import Composed
+from launcher.hf_config import looks_local, package_path
 from launcher.plan import Plan
 from launcher.planner import plan_run, render_plan, resolve_hw
 from launcher.schema import RunConfig
+from launcher.tokenize_step import cached, pretokenize
 from launcher.validate import check_environment
 
 
@@ -47,12 +49,31 @@ def prepare(composed: Composed) -> Prepared:
             logging_dir=str(absolute(cfg.train.logging_dir)) if cfg.train.logging_dir else str(run_dir / "tensorboard"),
             resume=cfg.train.resume if cfg.train.resume in ("auto", "none") else str(absolute(cfg.train.resume)),
         ),
-        model=dataclasses.replace(cfg.model, init_from=str(absolute(cfg.model.init_from)) if cfg.model.init_from else ""),
-        data=dataclasses.replace(cfg.data, paths=[os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths]),
+        model=dataclasses.replace(
+            cfg.model,
+            init_from=str(absolute(cfg.model.init_from)) if cfg.model.init_from else "",
+            config=local_path(package_path(cfg.model.config)),
+            name_or_path=local_path(cfg.model.name_or_path),
+            tokenizer=local_path(cfg.model.tokenizer),
+        ),
+        data=dataclasses.replace(
+            cfg.data,
+            paths=[os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths],
+            validation_paths=[os.path.abspath(os.path.expanduser(p)) for p in cfg.data.validation_paths],
+            cache_dir=str(absolute(cfg.data.cache_dir)) if cfg.data.cache_dir else "",
+        ),
     )
     check_environment(cfg, host)
-    plan = plan_run(cfg, host, run_dir)
+    tokenized = None
+    if cfg.data.is_text:  # after every check, before planning: the plan holds the cache folder and counts
+        tokenized = cached(cfg) if cfg.dry_run else pretokenize(cfg)
+    plan = plan_run(cfg, host, run_dir, tokenized=tokenized)
     return Prepared(config=cfg, plan=plan, text=render_plan(plan, cfg))
+
+
+def local_path(value: str) -> str:
+    """A model or tokenizer given as a local path, made absolute; a hub id (or "") as it is."""
+    return str(absolute(value)) if value and looks_local(value) else value
 
 
 def absolute(path: str) -> Path:

@@ -16,7 +16,10 @@ SCHEDULERS = (
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 STRATEGIES = ("ddp", "fsdp", *ZERO_STAGES)
 # data.name of the datasets ringleader ships (a user's own sets data._target_).
-DATASETS = ("pystdlib", "text_files", "tokens_bin", "synthetic")
+DATASETS = ("pystdlib", "text_files", "tokens_bin", "synthetic", "jsonl", "hf", "stdlib_instruct")
+# Records tokenized by the launcher's pre-step (trainer/tokenized.py) for a transformers model.
+TEXT_DATASETS = ("jsonl", "hf", "stdlib_instruct")
+DATA_FORMATS = ("text", "prompt_completion", "messages")
 BYTE_LEVEL_DATASETS = ("pystdlib", "text_files")
 TOKEN_BYTES = {"uint8": 1, "uint16": 2, "int32": 4}  # data.token_dtype -> bytes per token
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -32,3 +35,8 @@ EVAL_METRICS = ("eval_loss",)
 # train.report_to trackers ringleader really writes to (also: all, none); anything else is refused.
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 GPT_TARGET = "trainer.model.GPT"  # the built-in model, whose fields the schema checks
+HF_TARGET = "transformers.AutoModelForCausalLM"  # a transformers causal LM (trainer/hf_model.py)
+HF_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype: the weights' dtype as loaded
+# model.attn_implementation values transformers knows; those that isolate packed samples.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+PACKING_ATTN = ATTN_IMPLEMENTATIONS

@@ -14,8 +14,8 @@ from omegaconf import MISSING
 
 from launcher.errors import ConfigError
 from launcher.registry import (
-    ACCELERATORS, BITSANDBYTES, BYTE_LEVEL_DATASETS, CLUSTERS, CONTAINER_RUNTIMES, DATASETS, DDP_BACKENDS, EVAL_METRICS, GPT_TARGET,
-    INTERVALS, NONFINITE, OPTIMIZERS, SCHEDULERS, STRATEGIES, TOKEN_BYTES, ZERO_STAGES,
+    ACCELERATORS, BITSANDBYTES, BYTE_LEVEL_DATASETS, CLUSTERS, CONTAINER_RUNTIMES, DATA_FORMATS, DATASETS, DDP_BACKENDS, EVAL_METRICS, GPT_TARGET,
+    HF_DTYPES, HF_TARGET, INTERVALS, NONFINITE, OPTIMIZERS, SCHEDULERS, STRATEGIES, TEXT_DATASETS, TOKEN_BYTES, ZERO_STAGES,
 )
 from launcher.options import OptionError, TrackerError, parse_optim_args, resolve_report_to, schedule_kwargs
 from launcher.rules import DOTTED_PATH, check_extra_option, check_signal_delay, check_values, check_variable_names, require, setup_words
@@ -158,8 +158,31 @@ class ModelConfig:
     # train.resume wins over it.
     init_from: str = ""
     # A user's model: its parameter count, for the plan's memory estimate (the launcher never
-    # imports the model to count it). 0: no estimate. The built-in GPT is counted exactly.
+    # imports the model to count it). 0: no estimate. The built-in GPT is counted exactly, a
+    # transformers model from its config.json for the common architectures (launcher/hf_config.py).
     num_parameters: int = 0
+    # A transformers causal LM (_target_=transformers.AutoModelForCausalLM, model=hf or llama_tiny;
+    # trainer/hf_model.py). Exactly one of name_or_path (weights) and config (random weights).
+    name_or_path: str = ""  # a local folder or a hub id with weights (offline: in the hub cache)
+    config: str = ""  # a config.json or its folder: random weights; "pkg:trainer/assets/llama_tiny" ships
+    revision: str = ""  # the hub revision (a branch, tag or commit) of name_or_path and tokenizer
+    dtype: str = "float32"  # the weights' dtype as loaded: float32 | bfloat16 | float16 (train.bf16 decides compute)
+    attn_implementation: str = "sdpa"  # transformers' attention: eager | sdpa | flex_attention | flash_attention_2 | ...
+    trust_remote_code: bool = False  # run the model's own modelling code from the hub or folder
+    tokenizer: str = ""  # "": the tokenizer of name_or_path, or of config's folder
+    device_map: Any = None  # refused: ringleader places the model on its ranks
+
+    @property
+    def is_transformers(self) -> bool:
+        return self._target_ == HF_TARGET
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the tokenizer comes from: model.tokenizer, else the weights' folder or id, else
+        the config's folder."""
+        if self.tokenizer or self.name_or_path:
+            return self.tokenizer or self.name_or_path
+        return self.config[:-len("/config.json")] if self.config.endswith("/config.json") else self.config
 
     def check(self) -> None:
         require(bool(self._target_), "model._target_", "is empty; pick a model (model=gpt_tiny) or give a dotted path, e.g. model._target_=mypkg.models.MyModel")
@@ -172,6 +195,17 @@ class ModelConfig:
             require(self.n_head >= 1, "model.n_head", f"must be >= 1, got {self.n_head}")
             require(self.n_embd % self.n_head == 0, "model.n_embd", f"{self.n_embd} is not divisible by model.n_head={self.n_head}; change one of them")
             require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.device_map in (None, "", {}), "model.device_map", "ringleader places the model on its ranks (the strategy decides); remove model.device_map")
+        hf_keys = ("name_or_path", "config", "revision", "tokenizer")
+        if not self.is_transformers:
+            for key in hf_keys:
+                require(not getattr(self, key), f"model.{key}", f"is for transformers models; set model=hf (or model._target_={HF_TARGET}), or drop it")
+            return
+        require(bool(self.name_or_path) != bool(self.config), "model.name_or_path", "and model.config: set exactly one (a folder or hub id with weights, or a config.json for random weights)")
+        require(self.dtype in HF_DTYPES, "model.dtype", f"'{self.dtype}' is not one of {', '.join(HF_DTYPES)}")
+        require(bool(self.attn_implementation), "model.attn_implementation", "is empty; set e.g. model.attn_implementation=sdpa")
+        require(not self.init_from, "model.init_from", "is for ringleader's own models; a transformers model starts from model.name_or_path (e.g. <run>/final)")
+        require(not self.kwargs, "model.kwargs", f"are not passed to {HF_TARGET}; use its fields (name_or_path, config, dtype, attn_implementation, ...)")
 
 
 @dataclass(kw_only=True)
@@ -191,6 +225,31 @@ class DataConfig:
     num_samples: int = 0  # synthetic, or a user's dataset: training samples per epoch
     num_workers: int = 0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Records for a transformers model (names jsonl, hf, stdlib_instruct), tokenized once by the
+    # launcher's pre-step into a cache keyed by content (trainer/tokenized.py); seq_len is the most
+    # tokens per sample (TRL's max_length: longer samples are cut), or per packed row.
+    format: str = "text"  # text | prompt_completion | messages
+    text_field: str = "text"
+    prompt_field: str = "instruction"
+    input_field: str = "input"  # a second part of the prompt; "" when the data has none
+    completion_field: str = "output"
+    prompt_template: str = "alpaca"  # alpaca (Alpaca's own, with and without input), or a str.format template with {prompt} (and {input})
+    messages_field: str = "messages"
+    chat_template: str = ""  # Jinja; "": the tokenizer's own
+    train_on_prompt: bool = False  # False: prompt and non-assistant tokens get no loss
+    validation_paths: list[str] = field(default_factory=list)  # local validation files (jsonl); then nothing is held out
+    dataset: str = ""  # hf: a hub dataset id (offline: in the datasets cache)
+    dataset_config: str = ""
+    revision: str = ""
+    split: str = "train"
+    validation_split: str = ""  # hf: a split to evaluate on; "": validation_fraction of split
+    packing: bool = False  # several samples per row of seq_len tokens; attention never crosses samples
+    num_proc: int = 1  # tokenizing processes (datasets.map num_proc)
+    cache_dir: str = ""  # "": $XDG_CACHE_HOME/ringleader/tokenized; shared storage for SLURM
+
+    @property
+    def is_text(self) -> bool:
+        return self.name in TEXT_DATASETS and not self._target_
 
     def check(self) -> None:
         require(not self._target_ or bool(DOTTED_PATH.fullmatch(self._target_)), "data._target_", f"'{self._target_}' is not a dotted path to a function; write e.g. mypkg.data.make_dataset")
@@ -209,6 +268,26 @@ class DataConfig:
             require(self.token_dtype in TOKEN_BYTES, "data.token_dtype", f"'{self.token_dtype}' is not one of uint8, uint16, int32")
         if self.name == "synthetic":
             require(self.num_samples >= 1, "data.num_samples", f"synthetic data needs data.num_samples >= 1, got {self.num_samples}")
+        text_keys = {"packing": False, "train_on_prompt": False, "validation_paths": [], "dataset": "", "validation_split": "", "chat_template": ""}
+        if not self.is_text:
+            for key, default in text_keys.items():
+                require(getattr(self, key) == default, f"data.{key}", f"is for text records (data=jsonl, hf or stdlib_instruct), not data={self.name}; drop it")
+            return
+        require(self.format in DATA_FORMATS, "data.format", f"'{self.format}' is not one of {', '.join(DATA_FORMATS)}")
+        require(self.seq_len >= 2, "data.seq_len", f"must be >= 2 for text data (the most tokens per sample), got {self.seq_len}")
+        require(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
+        require(self.format != "prompt_completion" or self.prompt_template == "alpaca" or "{prompt}" in self.prompt_template, "data.prompt_template", "must be alpaca or contain {prompt}; set e.g. data.prompt_template='{prompt}'")
+        require(not self.chat_template or self.format == "messages", "data.chat_template", f"is used by data.format=messages only, format is {self.format}; drop it")
+        if self.name == "jsonl":
+            require(bool(self.paths), "data.paths", "jsonl needs files; set data.paths='[/path/train.jsonl]' (.jsonl, .json, .parquet or .csv)")
+            require(not self.dataset, "data.dataset", "is for data=hf; with data=jsonl give files in data.paths")
+            require(not self.validation_split, "data.validation_split", "local files have one split; set data.validation_paths or data.validation_fraction")
+        if self.name == "hf":
+            require(bool(self.dataset), "data.dataset", "hf needs a hub dataset id; set data.dataset=ORG/NAME (or use data=jsonl for local files)")
+            require(not self.paths and not self.validation_paths, "data.paths", "are for data=jsonl; with data=hf name the hub dataset in data.dataset")
+        if self.name == "stdlib_instruct":
+            require(not self.paths and not self.validation_paths and not self.dataset, "data.paths", "stdlib_instruct writes its own files; drop data.paths (or use data=jsonl)")
+            require(self.format in ("prompt_completion", "messages"), "data.format", f"stdlib_instruct is instruction data: prompt_completion or messages, not {self.format}")
 
 
 @dataclass(kw_only=True)
@@ -412,6 +491,8 @@ class RunConfig:
             require(d.seq_len <= m.block_size, "data.seq_len", f"{d.seq_len} is longer than model.block_size={m.block_size}; lower data.seq_len or raise model.block_size")
             byte_level = d.name in BYTE_LEVEL_DATASETS
             require(not byte_level or m.vocab_size >= 256, "model.vocab_size", f"{m.vocab_size} is below 256, but data.{d.name} is byte-level; set model.vocab_size=256")
+        require(not d.is_text or m.is_transformers, "data.name", f"{d.name} is tokenized for a transformers model; set model=hf or model=llama_tiny (or use data=pystdlib with model={m.name})")
+        require(not m.is_transformers or d.is_text or bool(d._target_), "model", f"a transformers model trains on tokenized records; set data=jsonl, hf or stdlib_instruct (data={d.name} is byte-level)")
         if d._target_:
             require(d.num_samples > 0 or t.max_steps > 0, "data.num_samples", "a custom dataset needs data.num_samples (training samples) or train.max_steps to plan the run")
         self.scheduler.check_kwargs(learning_rate=self.optimizer.learning_rate)  # min_lr, lr_end against the rate

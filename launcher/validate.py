@@ -14,7 +14,8 @@ from pathlib import Path
 from cluster.backend import backend_for
 from cluster.environment import Host
 from launcher.errors import ConfigError
-from launcher.registry import BITSANDBYTES
+from launcher import hf_config
+from launcher.registry import BITSANDBYTES, PACKING_ATTN
 from launcher.options import resolve_report_to
 from launcher.rules import require
 from launcher.schema import RunConfig
@@ -28,6 +29,7 @@ BEFORE_A_RUN = {".hydra"}
 def check_environment(cfg: RunConfig, host: Host, environ: Mapping[str, str] | None = None) -> None:
     """`cfg` has its hardware resolved (launcher/planner.py resolve_hw) and its paths made absolute."""
     check_files(cfg)
+    check_transformers(cfg, os.environ if environ is None else environ)
     check_hardware(cfg)
     for tracker in resolve_report_to(cfg.train.report_to):  # rank 0 imports it: refuse here, not mid-start
         require(tracker == "tensorboard" or importlib.util.find_spec(tracker) is not None, "train.report_to", f"{tracker} is not installed; pip install {tracker}, or drop it")
@@ -55,6 +57,79 @@ def check_files(cfg: RunConfig) -> None:
             require(bool(corpus.text_files([pattern])), f"data.paths.{i}", f"'{pattern}' matches no file; check the path or the glob")
     if d.name == "tokens_bin" and not d._target_:
         require(Path(os.path.expanduser(d.paths[0])).is_file(), "data.paths", f"tokens_bin needs one existing file, got {d.paths}; set data.paths='[/path/train.bin]'")
+
+
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline(environ: Mapping[str, str]) -> bool:
+    return any(environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in OFFLINE_SWITCHES)
+
+
+def check_transformers(cfg: RunConfig, environ: Mapping[str, str]) -> None:
+    """A transformers model and its text data: the model, config and tokenizer are here (a local
+    folder, or a hub id in the hub cache when offline); the data files exist and have the fields
+    the format reads; a chat format has a chat template; packing has an attention that isolates
+    samples. Reads config.json, tokenizer_config.json and each data file's first record only."""
+    m, d = cfg.model, cfg.data
+    if m.is_transformers:
+        for key, need in (("name_or_path", "config.json"), ("config", "config.json"), ("tokenizer", "tokenizer_config.json")):
+            value = getattr(m, key)
+            if not value:
+                continue
+            if hf_config.looks_local(value):
+                path = Path(value)
+                found = path.is_file() if key == "config" and path.suffix == ".json" else (path / need).is_file() or (key == "tokenizer" and (path / "tokenizer.json").is_file())
+                require(path.exists(), f"model.{key}", f"no such file or folder: {value}; give a local model folder or a hub id (ORG/NAME)")
+                require(found, f"model.{key}", f"{value} has no {need}; give a folder saved with save_pretrained (or a config.json for model.config)")
+            elif offline(environ):
+                require(
+                    hf_config.hub_file(value, need, revision=m.revision) is not None,
+                    f"model.{key}",
+                    f"{value} is not in the local hub cache and HF_HUB_OFFLINE is set; download it first (huggingface-cli download {value}) or unset HF_HUB_OFFLINE",
+                )
+    if not d.is_text:
+        return
+    if d.packing:
+        require(
+            m.attn_implementation in PACKING_ATTN,
+            "data.packing",
+            f"model.attn_implementation={m.attn_implementation} cannot keep packed samples from attending to each other; use one of {', '.join(PACKING_ATTN)}, or data.packing=false",
+        )
+    tokenizer = hf_config.source_folder(m.tokenizer_source, revision=m.revision)
+    if d.format == "messages" and not d.chat_template and tokenizer is not None:
+        require(
+            hf_config.has_chat_template(tokenizer) is not False,
+            "data.chat_template",
+            f"the tokenizer {m.tokenizer_source} has no chat template and data.format=messages needs one; set data.chat_template (Jinja) or data.format=prompt_completion",
+        )
+    if d.name != "jsonl":
+        return
+    from launcher.tokenize_step import text_spec
+
+    spec = text_spec(cfg)
+    for key in ("paths", "validation_paths"):
+        try:
+            files = hf_config.data_files(spec, key)
+        except ValueError as exc:
+            raise ConfigError("", str(exc)) from None
+        for f in files[:1]:
+            try:
+                fields = hf_config.record_fields(f)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"data.{key}", f"cannot read the first record of {f} ({' '.join(str(exc).split())}); give JSONL, JSON, CSV or Parquet records") from None
+            for field_key in needed_fields(d.format, d.input_field):
+                name = getattr(d, field_key)
+                extra = " (or data.input_field='' when there is none)" if field_key == "input_field" else ""
+                require(name in fields, f"data.{field_key}", f"{f} has no field '{name}' (its fields: {', '.join(fields) or 'none'}); set data.{field_key}{extra}")
+
+
+def needed_fields(fmt: str, input_field: str) -> tuple[str, ...]:
+    if fmt == "text":
+        return ("text_field",)
+    if fmt == "messages":
+        return ("messages_field",)
+    return ("prompt_field", "completion_field", *(("input_field",) if input_field else ()))
 
 
 def is_checkpoint_folder(path: Path) -> bool:

@@ -28,14 +28,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "launcher", "cluster", "trainer",  # the packages' __init__: docstrings only
         "launcher.errors", "launcher.paths", "launcher.registry", "launcher.rules", "launcher.schema",
         "launcher.plan", "launcher.files", "launcher.targets", "launcher.corpus", "launcher.deepspeed_config",
-        "launcher.trajectory", "launcher.options",
+        "launcher.trajectory", "launcher.options", "launcher.hf_config",
     )),
     # Where this process runs (torchrun, SLURM, local) and what the host has: read-only.
     ("environment", ("cluster.environment",)),
     # Planning and the backends (render is pure; start/status/cancel/logs touch the world).
     ("planning", (
         "launcher.compose", "launcher.validate", "launcher.memory", "launcher.planner", "launcher.prepare",
-        "launcher.rundir", "cluster.*",
+        "launcher.rundir", "launcher.tokenize_step", "cluster.*",
     )),
     # The per-rank program, beside planning: never the CLI, never a backend.
     ("trainer", ("trainer.*",)),

@@ -1,4 +1,4 @@
-"""Transformers causal LMs (trainer/hf_model.py, trainer/hf_config.py): the shipped tiny Llama
+"""Transformers causal LMs (trainer/hf_model.py, launcher/hf_config.py): the shipped tiny Llama
 builds and trains a step, decoder layers found for FSDP, checkpointing through the model's own
 switch, parameter counts without torch, packing isolation, rank-0 weight loading into a
 meta-built model, and final/ as a from_pretrained folder. Single process, offline."""
@@ -20,7 +20,7 @@ import torch
 
 from trainer import hf_model
 from trainer.collate import flatten_collate, pad_collate
-from trainer.hf_config import num_parameters, read_config
+from launcher.hf_config import num_parameters, read_config
 from trainer.hf_model import SHIPPED_TINY, HFModelSpec, build_causal_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +99,7 @@ def test_num_parameters_without_torch_matches_transformers():
         assert num_parameters(cfg.to_dict()) == sum(p.numel() for p in model.parameters()), cfg.model_type
     assert num_parameters({"model_type": "mamba"}) is None
     # The module the launcher uses imports neither torch nor transformers.
-    code = "import sys, trainer.hf_config; assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)"
+    code = "import sys, launcher.hf_config; assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -189,7 +189,7 @@ def test_fsdp_meta_build_rank0_broadcast_two_ranks(tmp_path):
 
 def test_launcher_side_checks_without_torch(tmp_path):
     """What validate.py can check before any process: a chat template present, a file's fields."""
-    from trainer.hf_config import has_chat_template, record_fields
+    from launcher.hf_config import has_chat_template, record_fields
 
     assert has_chat_template(SHIPPED_TINY) is True
     (tmp_path / "tok").mkdir()

@@ -12,23 +12,22 @@ Three formats:
 are cut to it. Errors are one line naming the data key to set (ValueError; the launcher's checks
 call the same functions before any process starts).
 
-This module imports `datasets` and `transformers` lazily; its settings type is plain Python, so
-the launcher can build one and hash it without either.
+This module imports `datasets` and `transformers` lazily; its settings type (TextDataSpec) lives in
+launcher/hf_config.py, so the launcher can build one and hash it without either.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+# The settings type and file listing are plain Python in the base layer: the launcher builds,
+# checks and hashes them without this module.
+from launcher.hf_config import FORMATS, LOADERS, TextDataSpec, data_files  # noqa: F401  (re-exported)
+
 IGNORE_INDEX = -100
-FORMATS = ("text", "prompt_completion", "messages")
 
 # Alpaca's own templates (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT): with and without input.
 ALPACA_PROMPT = (
@@ -40,69 +39,8 @@ ALPACA_PROMPT_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-@dataclass(kw_only=True)
-class TextDataSpec:
-    """Everything that decides the tokens and labels of the data (all of it is in the cache key).
-    Field names are the ones proposed for the `data` schema group (see the H3 report)."""
-
-    paths: list[str] = field(default_factory=list)  # local .json/.jsonl/.parquet/.csv files or globs
-    dataset: str = ""  # or a hub dataset id (load_dataset), e.g. "tatsu-lab/alpaca"
-    dataset_config: str = ""  # the hub dataset's configuration name, if it has several
-    revision: str = ""  # hub dataset revision (a commit pins it)
-    validation_paths: list[str] = field(default_factory=list)  # local validation files (then no fraction is held out)
-    split: str = "train"
-    validation_split: str = ""  # a split of the dataset to evaluate on; else validation_fraction
-    validation_fraction: float = 0.05  # of the records, picked by a seeded permutation
-    seed: int = 0
-    format: str = "text"  # text | prompt_completion | messages
-    text_field: str = "text"
-    prompt_field: str = "instruction"
-    input_field: str = "input"  # optional second part of the prompt ("" when the data has none)
-    completion_field: str = "output"
-    prompt_template: str = "alpaca"  # "alpaca", or a str.format template using {prompt} and {input}
-    messages_field: str = "messages"
-    chat_template: str = ""  # Jinja; "" = the tokenizer's own
-    train_on_prompt: bool = False
-    max_length: int = 1024
-    add_eos: bool = True
-
-    def check(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"data.format: {self.format!r} is not one of {', '.join(FORMATS)}; set data.format")
-        if bool(self.paths) == bool(self.dataset):
-            raise ValueError("data.paths / data.dataset: give local files in data.paths or a hub id in data.dataset (exactly one)")
-        if self.validation_paths and not self.paths:
-            raise ValueError("data.validation_paths: only with local training files in data.paths; for a hub dataset set data.validation_split")
-        if self.max_length < 2:
-            raise ValueError(f"data.max_length: must be >= 2, got {self.max_length}; set e.g. data.max_length=1024")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"data.validation_fraction: must be in [0, 1), got {self.validation_fraction}; set e.g. data.validation_fraction=0.05")
-        if self.format == "prompt_completion" and self.prompt_template != "alpaca" and "{prompt}" not in self.prompt_template:
-            raise ValueError("data.prompt_template: must be 'alpaca' or contain {prompt}; set e.g. data.prompt_template='{prompt}'")
-
-    def key(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 # ---------------------------------------------------------------- files and records
-
-
-def data_files(spec: TextDataSpec, key: str = "paths") -> list[Path]:
-    """The local files of spec.paths (or spec.validation_paths), globs expanded and sorted; each
-    glob must match a file."""
-    files: list[Path] = []
-    for pattern in getattr(spec, key):
-        found = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-        if not found:
-            raise ValueError(f"data.{key}: {pattern!r} matches no file; set data.{key} to existing .jsonl/.json/.parquet/.csv files")
-        files.extend(found)
-    kinds = {LOADERS.get(f.suffix.lower()) for f in files}
-    if files and (None in kinds or len(kinds) != 1):
-        raise ValueError(f"data.{key}: files must all be .json/.jsonl, .parquet or .csv (one kind), got {sorted({f.suffix for f in files})}; set data.{key}")
-    return files
 
 
 def load_splits(spec: TextDataSpec, *, cache_dir: str | None = None) -> dict[str, Any]:

@@ -3,7 +3,9 @@ read the same files through a memory map (one copy in the page cache per node, n
 
 The cache key is a SHA-256 of: the bytes of every local data file (or a hub dataset's id,
 configuration, revision and the `datasets` fingerprint of the loaded split), the tokenizer
-(its tokenizer.json, special tokens and chat template), every setting of TextDataSpec, and
+(the bytes of its files when it comes from a folder, as the launcher's pre-step passes it, so the
+launcher computes the same key without transformers: launcher/hf_config.py cache_key; else its
+serialisation, special tokens and chat template), every setting of TextDataSpec, and
 ENCODING_VERSION (bumped when the code that turns records into tokens changes). A changed byte
 in any of them gives a new folder; a rerun, a requeue or another run with the same inputs finds
 the folder and tokenizes nothing.
@@ -16,7 +18,8 @@ renamed, so a crash leaves no half entry and two writers agree on one result):
   meta.json            the key's inputs, sample and token counts
 
     python -m trainer.tokenized --cache-dir DIR --tokenizer PATH --spec '{"paths": [...], ...}'
-prints the folder (a pre-step before torchrun; outside the ranks' collective timeouts).
+prints the folder and counts as JSON: the launcher's pre-step, after validation and before
+planning, for every backend (never inside the ranks' collective timeouts). Imports no torch.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from trainer.text_data import TextDataSpec
+from launcher.hf_config import ENCODING_VERSION, TextDataSpec, cache_key, file_digest, local_data_identity, source_folder, tokenizer_identity_of_files
 
-ENCODING_VERSION = 1
+__all__ = ["ENCODING_VERSION", "Prepared", "TokenizedDataset", "cache_key", "file_digest", "pack_bins", "prepare"]
 SPLITS = ("train", "validation")
 
 
@@ -50,14 +53,6 @@ class Prepared:
     samples: dict[str, int]
     tokens: dict[str, int]
     packed_samples: dict[str, int]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_identity(tokenizer) -> dict[str, Any]:
@@ -82,17 +77,9 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
 def data_identity(spec: TextDataSpec, splits: dict[str, Any] | None) -> dict[str, Any]:
     """Local files: their bytes. Hub datasets: id, config, revision and each split's fingerprint."""
     if spec.paths:
-        from trainer.text_data import data_files
-
-        return {"files": [file_digest(f) for f in data_files(spec)], "validation_files": [file_digest(f) for f in data_files(spec, "validation_paths")]}
+        return local_data_identity(spec)
     assert splits is not None
     return {"dataset": spec.dataset, "config": spec.dataset_config, "revision": spec.revision, "fingerprints": {k: v._fingerprint for k, v in splits.items()}}
-
-
-def cache_key(data: dict[str, Any], tokenizer: dict[str, Any], spec: TextDataSpec) -> str:
-    settings = {k: v for k, v in spec.key().items() if k not in ("paths", "validation_paths", "dataset", "dataset_config", "revision")}
-    blob = json.dumps({"v": ENCODING_VERSION, "data": data, "tokenizer": tokenizer, "settings": settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def _flat(ds, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -130,9 +117,11 @@ def _write(folder: Path, tokenized: dict[str, Any], vocab_size: int, meta: dict[
     return counts
 
 
-def prepare(spec: TextDataSpec, *, tokenizer, cache_dir: str | os.PathLike, num_proc: int = 1, datasets_cache: str | None = None) -> Prepared:
+def prepare(spec: TextDataSpec, *, tokenizer, cache_dir: str | os.PathLike, num_proc: int = 1, datasets_cache: str | None = None, tokenizer_folder: str | os.PathLike | None = None) -> Prepared:
     """Tokenize spec's data with `tokenizer` into the cache, unless an entry with the same key is
-    there already; returns its folder. Run by one process (the pre-step), never by the ranks."""
+    there already; returns its folder. Run by one process (the pre-step), never by the ranks.
+    `tokenizer_folder`: the folder `tokenizer` was loaded from; its files' bytes then key the
+    tokenizer (the launcher computes that key too), else the loaded tokenizer's state does."""
     started = time.perf_counter()
     from trainer import text_data
 
@@ -141,7 +130,8 @@ def prepare(spec: TextDataSpec, *, tokenizer, cache_dir: str | os.PathLike, num_
     splits = None if spec.paths else text_data.load_splits(spec, cache_dir=datasets_cache)
     if spec.format == "messages":
         text_data.chat_template_of(tokenizer, spec)  # no template: the one-line error before any work
-    identity = {"data": data_identity(spec, splits), "tokenizer": tokenizer_identity(tokenizer)}
+    tok_identity = tokenizer_identity_of_files(Path(tokenizer_folder)) if tokenizer_folder is not None else tokenizer_identity(tokenizer)
+    identity = {"data": data_identity(spec, splits), "tokenizer": tok_identity}
     key = cache_key(identity["data"], identity["tokenizer"], spec)
     folder = root / key
     if (folder / "meta.json").is_file():
@@ -155,7 +145,7 @@ def prepare(spec: TextDataSpec, *, tokenizer, cache_dir: str | os.PathLike, num_
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        counts = _write(tmp, tokenized, len(tokenizer), {"key": key, "settings": spec.key(), **identity, "encoding_version": ENCODING_VERSION}, max_length=spec.max_length)
+        counts = _write(tmp, tokenized, len(tokenizer), {"key": key, "settings": spec.key(), **identity, "encoding_version": ENCODING_VERSION, "pad_token_id": pad_id(tokenizer)}, max_length=spec.max_length)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -167,6 +157,20 @@ def prepare(spec: TextDataSpec, *, tokenizer, cache_dir: str | os.PathLike, num_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(folder=folder, hit=False, seconds=time.perf_counter() - started, samples=counts["samples"], tokens=counts["tokens"], packed_samples=counts["packed_samples"])
+
+
+def pad_id(tokenizer) -> int:
+    """What batches are padded with (the ranks read it from meta.json, without the tokenizer):
+    the pad token, else eos, else 0. Padded positions carry no label and no attention."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(folder) / "meta.json").read_text())
 
 
 def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -241,13 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", required=True, help="a tokenizer folder or hub id")
     parser.add_argument("--spec", required=True, help="TextDataSpec fields as JSON")
     parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument("--revision", default="")
+    parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     from trainer.text_data import load_tokenizer
 
     try:
         spec = TextDataSpec(**json.loads(args.spec))
-        got = prepare(spec, tokenizer=load_tokenizer(args.tokenizer), cache_dir=args.cache_dir, num_proc=args.num_proc)
-    except ValueError as e:
+        folder = source_folder(args.tokenizer, revision=args.revision)
+        tok = load_tokenizer(args.tokenizer, revision=args.revision, trust_remote_code=args.trust_remote_code)
+        got = prepare(spec, tokenizer=tok, cache_dir=args.cache_dir, num_proc=args.num_proc, tokenizer_folder=folder)
+    except (ValueError, OSError) as e:
         print(f"ringleader: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"folder": str(got.folder), "hit": got.hit, "seconds": round(got.seconds, 3), "samples": got.samples, "tokens": got.tokens, "packed_samples": got.packed_samples}))
