@@ -30,7 +30,7 @@ class Composed:
     overrides: tuple[str, ...]
 
 
-def compose(overrides: list[str], *, config_dirs: list[str] = (), config_name: str = "config") -> Composed:
+def compose(overrides: list[str], *, config_dirs: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Composed:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

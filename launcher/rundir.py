@@ -139,7 +139,9 @@ def check_same_trajectory(checkpoint: Path, run_dir: Path, resolved: DictConfig,
     if saved is None:
         return
     old, old_world, _ = saved
-    diff = changed_keys(old, old_world, OmegaConf.to_container(resolved), world_size)
+    new = OmegaConf.to_container(resolved)
+    assert isinstance(new, dict)
+    diff = changed_keys(old, old_world, new, world_size)
     if diff:
         raise ConfigError("train.resume", f"{checkpoint} was written with another config: {describe(diff)}; rerun with its values, set train.resume_with_changed_config=true to continue with the new ones (launcher/schema.py says what each means), or start over (train.resume=none train.overwrite_output_dir=true)")
 

@@ -17,4 +17,6 @@ if [ "$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
 fi
 
+# Type hints of launcher/, cluster/ and trainer/ (settings in pyproject.toml), then the tests.
+"$PY" -m mypy
 exec "$PY" -m pytest -q "$@"

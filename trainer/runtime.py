@@ -25,6 +25,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Plan]:
     """The config every rank reads: config.yaml typed against the schema, and plan.json."""
     schema = OmegaConf.structured(RunConfig)
     cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(run_dir / "config.yaml")))
+    assert isinstance(cfg, RunConfig)
     return cfg, read_plan(run_dir)
 
 

@@ -106,9 +106,9 @@ class SafeFileSystemReader(FileSystemReader):
         with self.fs.create_stream(path, "rb") as f:
             metadata = load_metadata(f.read(), str(path))
         check_storage(metadata, Path(self.path), str(path))
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
 
