@@ -60,7 +60,34 @@ def read_bytes(split: corpus.Split) -> np.ndarray:
     return np.frombuffer(corpus.read_split(split), dtype=np.uint8)
 
 
-def build_dataset(data: DataConfig, split: str, *, vocab_size: int, seed: int) -> Dataset:
+class TextSamples(Dataset):
+    """A split of the tokenized cache (trainer/tokenized.py, memory-mapped), packed into rows of
+    seq_len tokens when data.packing, batched by padding to the longest sample with an attention
+    mask (packed rows: position ids instead). Samples vary in length; the sampler only sees indices."""
+
+    def __init__(self, folder: str, split: str, *, seq_len: int, packing: bool, pad_token_id: int) -> None:
+        from functools import partial
+
+        from trainer.collate import PackedDataset, pad_collate
+        from trainer.tokenized import TokenizedDataset
+
+        samples = TokenizedDataset(folder, split)
+        self.samples: Dataset = PackedDataset(samples, samples.lengths.tolist(), seq_len) if packing else samples
+        self.collate_fn = partial(pad_collate, pad_token_id=pad_token_id)
+
+    def __len__(self) -> int:
+        return len(self.samples)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.samples[i]
+
+
+def build_dataset(data: DataConfig, split: str, *, vocab_size: int, seed: int, data_cache: str = "", pad_token_id: int = 0) -> Dataset:
+    """`data_cache`: the tokenized folder the plan holds (text data for a transformers model)."""
+    if data.is_text:
+        if not data_cache:
+            raise ValueError(f"data={data.name}: the plan holds no tokenized cache folder; start the run with python -m launcher, which tokenizes first")
+        return TextSamples(data_cache, split, seq_len=data.seq_len, packing=data.packing, pad_token_id=pad_token_id)
     if data._target_:
         factory = load_target(data._target_, "data._target_")
         return factory(split=split, seq_len=data.seq_len, **data.kwargs)

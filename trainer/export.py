@@ -64,10 +64,48 @@ TMP_SUFFIX = ".ringleader-tmp"  # a file or folder being written; ringleader's o
 
 def save_consolidated(folder: Path, state: dict[str, torch.Tensor], cfg: RunConfig) -> None:
     """final/ at the end of a run: weights and the run's config. final/ is ringleader's own, but a
-    user may have put files there: only model.safetensors, config.yaml and the marker are replaced."""
+    user may have put files there: only model.safetensors, config.yaml and the marker are replaced
+    (and, for a transformers model, the from_pretrained files: hf_files)."""
     model = {"_target_": cfg.model._target_, "name": cfg.model.name, "kwargs": model_kwargs(cfg.model)}
     config = OmegaConf.to_yaml({"model": model, "run": OmegaConf.structured(cfg)})
+    if cfg.model.is_transformers:
+        state, extra = hf_files(cfg.model, state)
+        write_export(folder, state, config, extra=extra)
+        return
     write_export(folder, state, config)
+
+
+# What a from_pretrained folder carries besides its weights, copied from the run's model source.
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def hf_files(model: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+    """A transformers model's final/ or export as a from_pretrained folder: the weights under their
+    own names (a tied lm_head once, as the embedding), config.json and generation_config.json of
+    the run's source (name_or_path or config; the dtype set to the saved weights'), the tokenizer's
+    files. Files are copied as data: no code of the source or the checkpoint is imported or run."""
+    from launcher.hf_config import TOKENIZER_FILES, source_folder
+
+    source = source_folder(model.name_or_path or model.config, revision=model.revision)
+    config_path = (Path(model.config) if model.config.endswith(".json") else source / "config.json") if source is not None else None
+    if config_path is None or not config_path.is_file():
+        raise CheckpointError(f"model.{'name_or_path' if model.name_or_path else 'config'}: no config.json at {model.name_or_path or model.config}; final/ of a transformers model copies it from there")
+    config = json.loads(config_path.read_text())
+    if config.get("tie_word_embeddings", True) and any(k.endswith("embed_tokens.weight") for k in state):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        config["dtype"] = config["torch_dtype"] = dtypes.pop()
+    config["use_cache"] = True  # for whoever generates from the folder
+    extra = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    generation = source / "generation_config.json"
+    extra["generation_config.json"] = generation.read_bytes() if generation.is_file() else (json.dumps({k: config[k] for k in GENERATION_KEYS if config.get(k) is not None}, indent=2) + "\n").encode()
+    tokenizer = source_folder(model.tokenizer_source, revision=model.revision)
+    if tokenizer is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer / name).is_file():
+                extra[name] = (tokenizer / name).read_bytes()
+    return state, extra
 
 
 def write_final(folder: Path, strategy, cfg: RunConfig, *, is_main: bool) -> None:
@@ -78,7 +116,7 @@ def write_final(folder: Path, strategy, cfg: RunConfig, *, is_main: bool) -> Non
         dist.barrier()
 
 
-def write_export(folder: Path, state: dict[str, torch.Tensor], config: str) -> None:
+def write_export(folder: Path, state: dict[str, torch.Tensor], config: str, *, extra: dict[str, bytes] | None = None) -> None:
     """Write model.safetensors, config.yaml and the marker into folder, deleting nothing else.
 
     A new folder is written as a sibling temporary folder and renamed: it appears whole or not at
@@ -87,32 +125,36 @@ def write_export(folder: Path, state: dict[str, torch.Tensor], config: str) -> N
     it; what else the folder holds stays."""
     # Tied weights share storage, which safetensors refuses: each key gets its own copy.
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
-    names = [WEIGHTS, CONFIG]
+    extra = extra or {}
+    names = [WEIGHTS, CONFIG, *extra]
     if not folder.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.with_name(f".{folder.name}{TMP_SUFFIX}-{os.getpid()}")
         tmp.mkdir()
         try:
             write_marker(tmp, names)
-            write_files(tmp, tensors, config)
+            write_files(tmp, tensors, config, extra=extra)
             os.replace(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, nothing else
             raise
         return
     write_marker(folder, sorted(set(names) | set(marker_files(folder))))
-    staged = write_files(folder, tensors, config, temporary=True)
+    staged = write_files(folder, tensors, config, temporary=True, extra=extra)
     for tmp, name in staged:
         os.replace(tmp, folder / name)
 
 
-def write_files(folder: Path, tensors: dict[str, torch.Tensor], config: str, *, temporary: bool = False) -> list[tuple[Path, str]]:
-    """The two files, each fsynced; with `temporary`, under names to rename later (returned)."""
+def write_files(folder: Path, tensors: dict[str, torch.Tensor], config: str, *, temporary: bool = False, extra: dict[str, bytes] | None = None) -> list[tuple[Path, str]]:
+    """The two files (and `extra`'s), each fsynced; with `temporary`, under names to rename later (returned)."""
     staged = []
-    for name in (WEIGHTS, CONFIG):
+    extra = extra or {}
+    for name in (WEIGHTS, CONFIG, *extra):
         path = folder / (f".{name}{TMP_SUFFIX}" if temporary else name)
         if name == WEIGHTS:
             save_file(tensors, str(path), metadata={"format": "pt", "producer": "ringleader"})
+        elif name in extra:
+            path.write_bytes(extra[name])
         else:
             path.write_text(config)
         with open(path, "rb") as f:
@@ -172,6 +214,11 @@ def export_checkpoint(checkpoint: Path, out: Path | None = None) -> Path:
         weights = read_deepspeed_model(checkpoint)
     else:
         raise CheckpointError(f"{checkpoint}: neither dcp/ nor deepspeed/ inside; not a ringleader checkpoint")
+    model = ModelConfig(**yaml.safe_load(config)["run"]["model"])
+    if model.is_transformers:  # a from_pretrained folder, its files from the run's source (as final/)
+        weights, extra = hf_files(model, weights)
+        write_export(out, weights, config, extra=extra)
+        return out
     write_export(out, weights, config)
     return out
 

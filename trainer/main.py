@@ -39,7 +39,12 @@ def main(run_dir: Path) -> int:
     result: dict = {"status": "failed"}
     try:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, strategy=cfg.strategy.name, seed=t.seed)
+        if cfg.data.is_text and cfg.data.packing:
+            from trainer.hf_model import packing_refusal
+
+            if (why := packing_refusal(model)) is not None:
+                raise ValueError(f"data.packing: {why}; set data.packing=false")
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
             log.info("gradient checkpointing on: activations of each transformer block are recomputed in backward")
@@ -48,8 +53,9 @@ def main(run_dir: Path) -> int:
         strategy = build_strategy(cfg.strategy.name, cfg=cfg, device=rt.device)
         strategy.setup(model, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps)
         torch.manual_seed(t.seed + rt.rank)  # dropout differs across ranks
-        train_set = build_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size, seed=t.seed)
-        eval_set = build_dataset(cfg.data, "validation", vocab_size=cfg.model.vocab_size, seed=t.seed) if t.eval_strategy != "no" else None
+        text = {"data_cache": plan.data_cache, "pad_token_id": int(plan.tokenized.get("pad_token_id", 0))}
+        train_set = build_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size, seed=t.seed, **text)
+        eval_set = build_dataset(cfg.data, "validation", vocab_size=cfg.model.vocab_size, seed=t.seed, **text) if t.eval_strategy != "no" else None
 
         config_hash = hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest()[:16]
         checkpoints = CheckpointManager(

@@ -145,8 +145,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Per transformer block: ringleader's GPT has the switch; a user's model may define
-    `gradient_checkpointing_enable()` as Hugging Face models do."""
-    if hasattr(model, "gradient_checkpointing_enable"):
+    `gradient_checkpointing_enable()` as Hugging Face models do. A transformers model uses its
+    own switch, non-reentrant (trainer/hf_model.py)."""
+    if getattr(model, "supports_gradient_checkpointing", False) and hasattr(model, "config"):
+        from trainer.hf_model import enable_gradient_checkpointing as hf_enable
+
+        hf_enable(model)
+    elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()  # type: ignore[operator]
     elif hasattr(model, "gradient_checkpointing"):
         setattr(model, "gradient_checkpointing", True)

@@ -32,6 +32,10 @@ class FSDPStrategy(NativeStrategy):
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16, reduce_dtype=torch.float32)
         reshard = self.cfg.strategy.reshard_after_forward
         blocks = getattr(model, "transformer_blocks", None)
+        if blocks is None and getattr(model, "_no_split_modules", None):  # a transformers model: its decoder layers
+            from trainer.hf_model import transformer_blocks
+
+            blocks = transformer_blocks(model)
         if blocks is None:
             raise ValueError("strategy=fsdp: the model has no `transformer_blocks` (the modules to shard one by one); add that property, or use strategy=ddp")
         for block in blocks:
@@ -39,6 +43,12 @@ class FSDPStrategy(NativeStrategy):
         # The root holds what is left (embeddings, final norm, the tied head): it stays gathered
         # after forward, since backward needs it first.
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        weights = getattr(model, "ringleader_weights", None)
+        if weights is not None:  # built on the meta device (trainer/build.py): allocate the shards, stream rank 0's weights in
+            from trainer.hf_model import load_full_state_dict, materialize
+
+            materialize(model, self.device)
+            load_full_state_dict(model, weights if not dist.is_initialized() or dist.get_rank() == 0 else None)
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -107,7 +107,9 @@ class NativeStrategy(Strategy):
     staging_wait_s: float = 0.0  # total time training waited for asynchronous saves' copies
 
     def setup(self, model: nn.Module, *, total_steps: int, warmup_steps: int) -> None:
-        self.model = self.wrap(model.to(self.device))
+        # A meta-built model (transformers weights under fsdp) gets its tensors in wrap, sharded.
+        meta = any(p.is_meta for p in model.parameters())
+        self.model = self.wrap(model if meta else model.to(self.device))
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, total_steps=total_steps, warmup_steps=warmup_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
