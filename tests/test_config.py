@@ -15,6 +15,15 @@ from tests.conftest import ROOT, launcher_env, run_launcher
 
 # (override(s), the key the one-line error must name)
 BAD_INPUTS = [
+    # Transformers models and their text data (launcher/schema.py, launcher/validate.py check_transformers).
+    (["model=hf", "model.name_or_path=/nonexistent/model", "data=stdlib_instruct"], "model.name_or_path"),
+    (["model=llama_tiny", "model.device_map=auto", "data=stdlib_instruct"], "model.device_map"),
+    (["model=llama_tiny", "model.dtype=float8", "data=stdlib_instruct"], "model.dtype"),
+    (["model=llama_tiny", "data=jsonl", "data.paths=[/nonexistent/train.jsonl]"], "data.paths"),
+    (["model=llama_tiny", "data=stdlib_instruct", "data.format=text"], "data.format"),
+    (["model=llama_tiny", "data=stdlib_instruct", "data.packing=true", "model.attn_implementation=paged_attention"], "data.packing"),
+    (["model=llama_tiny", "data=pystdlib"], "model"),
+    (["data=stdlib_instruct", "data.seq_len=64"], "data.name"),
     (["train.foo=1"], "train.foo"),
     (["train.max_steps=abc"], "train.max_steps"),
     (["optimizer=adamx"], "optimizer"),

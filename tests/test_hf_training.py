@@ -1,0 +1,99 @@
+"""A transformers causal LM end to end through the launcher (issue 13): the shipped tiny Llama (random
+weights from trainer/assets/llama_tiny) on the shipped stdlib instruction set, tokenized once by the
+launcher's pre-step, trained on 2 CPU ranks, final/ loaded by from_pretrained and pipeline. Offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SLOW_VARIANT, launcher_env, run_launcher
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+for _k, _v in OFFLINE.items():
+    os.environ.setdefault(_k, _v)
+
+ARGS = (
+    "model=llama_tiny", "data=stdlib_instruct", "data.seq_len=128", "train.max_steps=3", "train.per_device_train_batch_size=4",
+    "train.gradient_accumulation_steps=2", "train.logging_steps=1", "train.eval_strategy=no", "train.save_strategy=no", "train.eval_on_start=false",
+    "optimizer.learning_rate=1e-3", "scheduler=constant",
+)
+
+
+def env(cache: Path) -> dict[str, str]:
+    return launcher_env(XDG_CACHE_HOME=str(cache), **OFFLINE)
+
+
+def losses(run) -> list[float]:
+    return [m["loss"] for m in run.metrics() if "loss" in m]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cache):
+    return run_launcher(tmp_path_factory.mktemp("ddp") / "run", *ARGS, "strategy=ddp", env=env(cache))
+
+
+def test_llama_tiny_trains_final_loads_and_generates(ddp_run, cache, tmp_path):
+    run = ddp_run
+    plan = run.plan()
+    assert plan["data_cache"] and plan["tokenized"]["samples"]["train"] == plan["train_samples"] > 400
+    assert 1.3e6 < plan["memory"]["num_parameters"] < 1.33e6  # counted from config.json, without torch
+    assert run.result()["status"] == "completed" and len(losses(run)) == 3
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    final = run.run_dir / "final"
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = tok("What does json.dumps do?", return_tensors="pt")["input_ids"]
+    # The trained model: the shipped config with the weights the ranks ended with (final/'s tensors
+    # loaded by name, not through from_pretrained); from_pretrained gives the same logits.
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from launcher.hf_config import package_path
+
+    trained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(package_path("pkg:trainer/assets/llama_tiny"))).eval()
+    missing, unexpected = trained.load_state_dict(load_file(str(final / "model.safetensors")), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected  # tied to the embedding
+    trained.tie_weights()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, trained(ids).logits)
+    out = pipeline("text-generation", model=str(final), device="cpu")("What does json.dumps do?", max_new_tokens=4, do_sample=False)
+    assert out[0]["generated_text"].startswith("What does json.dumps do?")
+    # A second run on the same data and tokenizer tokenizes nothing: the plan names the same folder.
+    again = run_launcher(tmp_path / "again", *ARGS, "strategy=ddp", "train.max_steps=1", env=env(cache))
+    assert again.plan()["data_cache"] == plan["data_cache"] and again.plan()["tokenized"]["hit"] is True
+    assert "cache hit, nothing tokenized" in again.proc.stdout
+    # A dry run reads the counts from the cache; a changed setting is a new (unknown) entry.
+    dry = run_launcher(tmp_path / "dry", *ARGS, "dry_run=true", env=env(cache))
+    assert "530 train" in dry.proc.stdout or str(plan["train_samples"]) in dry.proc.stdout
+    changed = run_launcher(tmp_path / "dry2", *ARGS, "dry_run=true", "data.train_on_prompt=true", env=env(cache))
+    assert "known after tokenization" in changed.proc.stdout
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("zero2", marks=SLOW_VARIANT), pytest.param("zero3", marks=SLOW_VARIANT)])
+def test_losses_agree_across_strategies(strategy, ddp_run, cache, tmp_path):
+    run = run_launcher(tmp_path / "run", *ARGS, f"strategy={strategy}", env=env(cache))
+    ref, got = losses(ddp_run), losses(run)
+    assert len(got) == len(ref) == 3
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run.run_dir / "final")
+    assert json.loads((run.run_dir / "final" / "config.json").read_text())["model_type"] == "llama" and model is not None
+
+
+@SLOW_VARIANT
+def test_prompt_completion_with_packing_trains(cache, tmp_path):
+    run = run_launcher(tmp_path / "run", *ARGS, "data.format=prompt_completion", "data.packing=true", env=env(cache))
+    assert run.plan()["train_samples"] == run.plan()["tokenized"]["packed_samples"]["train"] < run.plan()["tokenized"]["samples"]["train"]
+    assert run.result()["status"] == "completed"
