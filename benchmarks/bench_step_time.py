@@ -102,6 +102,15 @@ def worker(args: argparse.Namespace) -> None:
             loss = plain.step()
         loss.item()
 
+    # What one small all-reduce costs (the token count adds one a step): median of 200, in us.
+    allreduce_us = 0.0
+    if world > 1:
+        samples = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            dist.all_reduce(torch.zeros(1, dtype=torch.float64))
+            samples.append(time.perf_counter() - t0)
+        allreduce_us = statistics.median(samples) * 1e6
     windows: list[dict[str, float]] = []
     for w in range(args.warmup + args.windows):
         row = {}
@@ -119,6 +128,7 @@ def worker(args: argparse.Namespace) -> None:
         r["ours_cpu"], r["plain_cpu"] = a, b
     if rank == 0:
         print("WINDOWS " + json.dumps(windows[args.warmup :]), flush=True)
+        print(f"ALLREDUCE {allreduce_us}", flush=True)
     if world > 1:
         dist.destroy_process_group()
 
@@ -166,7 +176,8 @@ def main() -> None:
                     "--worker", str(folder), "--window", str(args.window), "--windows", str(args.windows), "--warmup", str(args.warmup),
                 ], timeout=1800)
                 windows = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("WINDOWS "))[8:])
-                runs.append({**summary(windows, args.window), "windows": windows})
+                allreduce_us = float(next(line for line in proc.stdout.splitlines() if line.startswith("ALLREDUCE "))[10:])
+                runs.append({**summary(windows, args.window), "small_allreduce_us": round(allreduce_us, 1), "windows": windows})
                 print(f"{nproc} rank(s), run {i + 1}: wall {runs[-1]['wall']['ratio_median']} cpu {runs[-1]['cpu']['ratio_median']}", file=sys.stderr, flush=True)
             medians = {kind: [r[kind]["ratio_median"] for r in runs] for kind in ("wall", "cpu")}
             results[f"{nproc}_rank"] = {

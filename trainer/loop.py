@@ -179,8 +179,8 @@ class Trainer:
         result = self.strategy.step()
         fault_point("step", step, rt.rank)  # tests only: RINGLEADER_FAULT (trainer/faults.py)
         local_loss = float(loss_sum)
-        # One small collective a step: a stop request on any rank, a non-finite loss on any rank,
-        # the step's loss over all ranks.
+        # The step's second small collective: a stop request on any rank, a non-finite loss on any
+        # rank, the step's loss over all ranks.
         stop, nonfinite, total = all_reduce([float(bool(rt.stop.signum)), float(not math.isfinite(local_loss)), local_loss if math.isfinite(local_loss) else 0.0])
         skipped = NONFINITE if nonfinite else result.skipped
         return StepOutcome(loss_sum=total, tokens=int(tokens), grad_norm=result.grad_norm, skipped=skipped, stop_requested=bool(stop), local_loss=local_loss)
