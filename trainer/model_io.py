@@ -19,6 +19,13 @@ How a model is called (the contract for a user's own model):
     cross-entropy over the positions whose label is not -100 (F.cross_entropy's default). A mean is
     turned back into a sum by multiplying it by that count, so the old contract stays token-exact.
     A micro-batch without any labelled token then contributes nothing (its NaN mean is dropped).
+  - Either way the loss of an optimizer step is token-exact: the summed cross-entropy of every
+    labelled token of every micro-batch on every rank over the global count of labelled tokens.
+  - Optional, on any model: `transformer_blocks` (the modules FSDP shards one by one),
+    `gradient_checkpointing_enable()` or a `gradient_checkpointing` attribute, and
+    `flops_per_token(seq_len=...)` for MFU (else 6 x the parameter count is used).
+A dataset with a `collate_fn` attribute has its batches made by it (padding, packing); else
+`collate` stacks equal-length samples.
 """
 
 from __future__ import annotations
