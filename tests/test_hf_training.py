@@ -97,3 +97,38 @@ def test_prompt_completion_with_packing_trains(cache, tmp_path):
     run = run_launcher(tmp_path / "run", *ARGS, "data.format=prompt_completion", "data.packing=true", env=env(cache))
     assert run.plan()["train_samples"] == run.plan()["tokenized"]["packed_samples"]["train"] < run.plan()["tokenized"]["samples"]["train"]
     assert run.result()["status"] == "completed"
+
+
+def test_interrupted_and_resumed_run_is_bit_identical_and_export_is_a_from_pretrained_folder(cache, tmp_path):
+    every_step = (*ARGS, "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=1")
+    reference = run_launcher(tmp_path / "reference", *every_step, env=env(cache))
+    killed = run_launcher(tmp_path / "killed", *every_step, "cluster.max_restarts=1", env={**env(cache), "RINGLEADER_FAULT": "step:1:3"}, check=False)
+    assert killed.code == 0, killed.output[-3000:]
+    assert "fault injection" in (tmp_path / "killed" / "logs" / "rank-1.log").read_text()
+    ref, got = reference.weights(), killed.weights()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # export of a checkpoint writes the same from_pretrained folder as final/, without the run.
+    import subprocess
+    import sys
+
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "launcher", "export", str(tmp_path / "reference" / "checkpoints" / "step-4"), str(out)], check=True, env=env(cache), capture_output=True)
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(out).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "reference" / "final").eval()
+    ids = torch.arange(5, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "reference" / "final" / "tokenizer.json").read_bytes()
+
+
+def test_fine_tune_pretrained_weights_under_fsdp_loads_on_meta_and_matches_ddp(ddp_run, cache, tmp_path):
+    """model=hf from a from_pretrained folder: fsdp builds on the meta device and streams rank 0's
+    safetensors into the shards; its first losses equal DDP's, which loads in full on each rank."""
+    final = ddp_run.run_dir / "final"
+    args = ("model=hf", f"model.name_or_path={final}", *ARGS[1:], "train.max_steps=2")
+    ddp = run_launcher(tmp_path / "ddp", *args, "strategy=ddp", env=env(cache))
+    fsdp = run_launcher(tmp_path / "fsdp", *args, "strategy=fsdp", env=env(cache))
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-4, abs=1e-5)
+    assert losses(ddp)[0] < losses(ddp_run)[0]  # it starts from the trained weights, not random ones
