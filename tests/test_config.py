@@ -377,3 +377,29 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(sandbox, capsys):
     code = main(["train.output_dir=.", "train.max_steps=1"])
     assert_one_line(code, capsys.readouterr().err.strip(), "train.output_dir")
     assert (project / "config.yaml").read_text() == "mine: true\n" and written(sandbox) == before
+
+
+def test_transformers_host_and_file_rules_are_one_line_and_write_nothing(sandbox, capsys, monkeypatch):
+    """launcher/validate.py check_transformers: a hub id not cached while offline, a tokenizer
+    without a chat template for format=messages, a field the data's first record lacks."""
+    import shutil
+
+    from launcher.hf_config import package_path
+
+    files = sandbox / "files"
+    shutil.copytree(package_path("pkg:trainer/assets/llama_tiny"), files / "tok")
+    tok_cfg = files / "tok" / "tokenizer_config.json"
+    tok_cfg.write_text(json.dumps({k: v for k, v in json.loads(tok_cfg.read_text()).items() if k != "chat_template"}))
+    (files / "d.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    before = written(sandbox)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = [
+        (["model=hf", "model.name_or_path=nobody/not-cached", "data=stdlib_instruct"], "model.name_or_path"),
+        (["model=llama_tiny", f"model.tokenizer={files / 'tok'}", "data=stdlib_instruct"], "data.chat_template"),
+        (["model=llama_tiny", "data=jsonl", f"data.paths=[{files / 'd.jsonl'}]", "data.format=prompt_completion"], "data.prompt_field"),
+        (["model=llama_tiny", "data=jsonl", f"data.paths=[{files / 'd.jsonl'}]"], "data.text_field"),
+    ]
+    for overrides, key in cases:
+        code = main([*overrides, f"train.output_dir={sandbox / 'run'}"])
+        assert_one_line(code, capsys.readouterr().err.strip(), key)
+        assert written(sandbox) == before
