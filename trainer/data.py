@@ -72,7 +72,7 @@ class TextSamples(Dataset):
         from trainer.tokenized import TokenizedDataset
 
         samples = TokenizedDataset(folder, split)
-        self.samples: Dataset = PackedDataset(samples, samples.lengths.tolist(), seq_len) if packing else samples
+        self.samples: Any = PackedDataset(samples, samples.lengths.tolist(), seq_len) if packing else samples
         self.collate_fn = partial(pad_collate, pad_token_id=pad_token_id)
 
     def __len__(self) -> int:
