@@ -71,12 +71,12 @@ class TextSamples(Dataset):
         from trainer.collate import PackedDataset, pad_collate
         from trainer.tokenized import TokenizedDataset
 
-        samples = TokenizedDataset(folder, split)
+        samples: Any = TokenizedDataset(folder, split)  # map-style, not a torch Dataset subclass
         self.samples: Any = PackedDataset(samples, samples.lengths.tolist(), seq_len) if packing else samples
         self.collate_fn = partial(pad_collate, pad_token_id=pad_token_id)
 
     def __len__(self) -> int:
-        return len(self.samples)  # type: ignore[arg-type]
+        return len(self.samples)
 
     def __getitem__(self, i: int) -> Any:
         return self.samples[i]
