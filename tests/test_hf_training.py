@@ -132,3 +132,17 @@ def test_fine_tune_pretrained_weights_under_fsdp_loads_on_meta_and_matches_ddp(d
     fsdp = run_launcher(tmp_path / "fsdp", *args, "strategy=fsdp", env=env(cache))
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-4, abs=1e-5)
     assert losses(ddp)[0] < losses(ddp_run)[0]  # it starts from the trained weights, not random ones
+
+
+@SLOW_VARIANT
+def test_fine_tune_pretrained_weights_under_zero3_loads_partitioned_and_matches_ddp(ddp_run, cache, tmp_path):
+    """zero3 with pretrained weights: from_pretrained inside deepspeed.zero.Init."""
+    final = ddp_run.run_dir / "final"
+    args = ("model=hf", f"model.name_or_path={final}", *ARGS[1:], "train.max_steps=2")
+    ddp = run_launcher(tmp_path / "ddp", *args, "strategy=ddp", env=env(cache))
+    zero3 = run_launcher(tmp_path / "zero3", *args, "strategy=zero3", env=env(cache))
+    assert losses(zero3) == pytest.approx(losses(ddp), rel=1e-4, abs=1e-5)
+    import re
+
+    held, total = map(int, re.search(r"zero3: pretrained weights loaded partitioned, (\d+) of (\d+)", (tmp_path / "zero3" / "logs" / "rank-0.log").read_text()).groups())
+    assert held <= total / 2 + 1000  # each rank holds its half (plus padding), never the whole model

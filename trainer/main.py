@@ -39,7 +39,7 @@ def main(run_dir: Path) -> int:
     result: dict = {"status": "failed"}
     try:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model, strategy=cfg.strategy.name, seed=t.seed)
+        model = build_model(cfg.model, strategy=cfg.strategy.name, seed=t.seed, deepspeed=plan.deepspeed)
         if cfg.data.is_text and cfg.data.packing:
             from trainer.hf_model import packing_refusal
 
