@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -139,8 +140,7 @@ def check_same_trajectory(checkpoint: Path, run_dir: Path, resolved: DictConfig,
     if saved is None:
         return
     old, old_world, _ = saved
-    new = OmegaConf.to_container(resolved)
-    assert isinstance(new, dict)
+    new: dict[str, Any] = OmegaConf.to_container(resolved)  # type: ignore[assignment]  # a DictConfig gives a dict
     diff = changed_keys(old, old_world, new, world_size)
     if diff:
         raise ConfigError("train.resume", f"{checkpoint} was written with another config: {describe(diff)}; rerun with its values, set train.resume_with_changed_config=true to continue with the new ones (launcher/schema.py says what each means), or start over (train.resume=none train.overwrite_output_dir=true)")

@@ -28,7 +28,7 @@ def zero3_pretrained(spec, ds_config: dict) -> nn.Module:
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo", dist_init_required=False)
     keep = HfDeepSpeedConfig(dict(ds_config))
     model = build_causal_lm(spec, init="full")
-    model.ringleader_hf_deepspeed = keep  # type: ignore[assignment]
+    setattr(model, "ringleader_hf_deepspeed", keep)  # kept alive with the model (zero.Init reads it)
     params = list(model.parameters())
     held, total = sum(getattr(p, "ds_tensor", p).numel() for p in params), sum(getattr(p, "ds_numel", p.numel()) for p in params)
     logging.getLogger("ringleader").info("zero3: pretrained weights loaded partitioned, %d of %d parameter elements on this rank", held, total)

@@ -87,7 +87,7 @@ def hf_files(model: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict[s
     from launcher.hf_config import TOKENIZER_FILES, source_folder
 
     source = source_folder(model.name_or_path or model.config, revision=model.revision)
-    config_path = (Path(model.config) if model.config.endswith(".json") else source / "config.json") if source is not None else None
+    config_path = None if source is None else Path(model.config) if model.config.endswith(".json") else source / "config.json"
     if config_path is None or not config_path.is_file():
         raise CheckpointError(f"model.{'name_or_path' if model.name_or_path else 'config'}: no config.json at {model.name_or_path or model.config}; final/ of a transformers model copies it from there")
     config = json.loads(config_path.read_text())
@@ -98,6 +98,7 @@ def hf_files(model: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict[s
         config["dtype"] = config["torch_dtype"] = dtypes.pop()
     config["use_cache"] = True  # for whoever generates from the folder
     extra = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    assert source is not None  # config_path was found in it
     generation = source / "generation_config.json"
     extra["generation_config.json"] = generation.read_bytes() if generation.is_file() else (json.dumps({k: config[k] for k in GENERATION_KEYS if config.get(k) is not None}, indent=2) + "\n").encode()
     tokenizer = source_folder(model.tokenizer_source, revision=model.revision)

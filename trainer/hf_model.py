@@ -116,7 +116,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: Any) -> None:
     """The model's own switch, non-reentrant (works with FSDP2, DeepSpeed and frozen inputs)."""
     # transformers 5 renamed the switch (the old name warns that it goes in v6).
     if hasattr(model, "activation_checkpointing_enable"):
@@ -221,8 +221,9 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None) -> None:
                     dist.broadcast(full, src=0)
                 target.copy_(full)
             del full
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    tie_weights = getattr(model, "tie_weights", None)
+    if tie_weights is not None:
+        tie_weights()
 
 
 # ---------------------------------------------------------------- final/

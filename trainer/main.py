@@ -53,14 +53,14 @@ def main(run_dir: Path) -> int:
         strategy = build_strategy(cfg.strategy.name, cfg=cfg, device=rt.device)
         strategy.setup(model, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps)
         torch.manual_seed(t.seed + rt.rank)  # dropout differs across ranks
-        text = {"data_cache": plan.data_cache, "pad_token_id": int(plan.tokenized.get("pad_token_id", 0))}
-        train_set = build_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size, seed=t.seed, **text)
-        eval_set = build_dataset(cfg.data, "validation", vocab_size=cfg.model.vocab_size, seed=t.seed, **text) if t.eval_strategy != "no" else None
+        pad = int(plan.tokenized.get("pad_token_id", 0))
+        train_set = build_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size, seed=t.seed, data_cache=plan.data_cache, pad_token_id=pad)
+        eval_set = build_dataset(cfg.data, "validation", vocab_size=cfg.model.vocab_size, seed=t.seed, data_cache=plan.data_cache, pad_token_id=pad) if t.eval_strategy != "no" else None
 
         config_hash = hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest()[:16]
         checkpoints = CheckpointManager(
             run_dir / "checkpoints", rank=rt.rank, world_size=rt.world_size, device=rt.device, save_total_limit=t.save_total_limit, config_hash=config_hash,
-            process_group=rt.checkpoint_group, config=OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")), allow_config_change=t.resume_with_changed_config,
+            process_group=rt.checkpoint_group, config=OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")),  # type: ignore[arg-type]  # a mapping at the top allow_config_change=t.resume_with_changed_config,
         )
         checkpoints.clean_incomplete()
         if dist.is_initialized():

@@ -197,8 +197,8 @@ def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
             bins.append([i])
             if max_length - n:
                 bisect.insort(free, (max_length - n, len(bins) - 1))
-    for b in bins:
-        b.sort()
+    for members in bins:
+        members.sort()
     bins.sort(key=lambda b: b[0])
     return bins
 
