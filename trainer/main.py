@@ -60,7 +60,8 @@ def main(run_dir: Path) -> int:
         config_hash = hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest()[:16]
         checkpoints = CheckpointManager(
             run_dir / "checkpoints", rank=rt.rank, world_size=rt.world_size, device=rt.device, save_total_limit=t.save_total_limit, config_hash=config_hash,
-            process_group=rt.checkpoint_group, config=OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")),  # type: ignore[arg-type]  # a mapping at the top allow_config_change=t.resume_with_changed_config,
+            process_group=rt.checkpoint_group, config=OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")),  # type: ignore[arg-type]  # a mapping at the top
+            allow_config_change=t.resume_with_changed_config,
         )
         checkpoints.clean_incomplete()
         if dist.is_initialized():
