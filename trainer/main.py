@@ -46,8 +46,8 @@ def main(run_dir: Path) -> int:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_model(cfg.model, strategy=cfg.strategy.name, seed=t.seed, deepspeed=plan.deepspeed)
         with_logits = gives_logits(model)
-        if (why := needs_logits(t)) and not with_logits:
-            raise ValueError(f"{why} needs the model's logits, but {cfg.model._target_} returns only its own mean loss; give its forward labels=None and return logits without labels (trainer/model_io.py), or drop it")
+        if (setting := needs_logits(t)) and not with_logits:
+            raise ValueError(f"{setting} needs the model's logits, but {cfg.model._target_} returns only its own mean loss; give its forward labels=None and return logits without labels (trainer/model_io.py), or drop it")
         metric_fn = load_target(t.compute_metrics, "train.compute_metrics") if t.compute_metrics else None
         if cfg.data.is_text and cfg.data.packing:
             from trainer.hf_model import packing_refusal
