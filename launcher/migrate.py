@@ -97,9 +97,7 @@ def whole_steps(target: str, empty: int = 0) -> Callable[[Any], dict[str, Any]]:
     def convert(v: Any) -> dict[str, Any]:
         if v is None:
             return {target: empty}
-        if isinstance(v, float) and v < 1:
-            raise Refused(f"{v} is a ratio of the total steps, which ringleader does not take here yet; give a number of steps")
-        return {target: int(v)}
+        return {target: v if isinstance(v, float) and v < 1 else int(v)}  # a ratio below 1 of the total steps, as transformers 5
 
     return convert
 
@@ -193,7 +191,7 @@ MAPPED: dict[str, Callable[[Any], dict[str, Any]]] = {
     "evaluation_strategy": strategy_value(("no", "steps", "epoch"))("train.eval_strategy"),
     "eval_steps": whole_steps("train.eval_steps"),
     "eval_on_start": same("train.eval_on_start"),
-    "save_strategy": strategy_value(("no", "steps", "epoch"))("train.save_strategy"),
+    "save_strategy": strategy_value(("no", "steps", "epoch", "best"))("train.save_strategy"),
     "save_steps": whole_steps("train.save_steps", 500),
     "save_total_limit": none_as("train.save_total_limit", 0),
     "load_best_model_at_end": same("train.load_best_model_at_end"),

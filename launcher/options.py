@@ -209,3 +209,28 @@ def resolve_report_to(value: str | list[str] | tuple[str, ...] | None, *, instal
             raise TrackerError(f"'{name}' is not a tracker ringleader writes to; use one or more of {', '.join(TRACKERS)}, all, or none (metrics.jsonl is always written)")
         out += [c for c in chosen if c not in out]
     return out
+
+
+# -- step counts: transformers 5's count-or-ratio forms --------------------------------------------
+
+
+def step_form_error(value: float) -> str | None:
+    """What is wrong with a step count given as transformers 5 takes it (warmup_steps, logging_steps,
+    eval_steps, save_steps): a whole count, or a ratio of the total steps in (0, 1). None: fine."""
+    if value < 0:
+        return f"must be >= 0, got {value:g}"
+    if value >= 1 and value != int(value):
+        return f"{value:g} is neither a whole number of steps nor a ratio below 1 of the total steps; give e.g. {int(value)} or 0.1"
+    return None
+
+
+def resolve_steps(value: float, total_steps: int) -> int:
+    """A count, or a ratio below 1 of the total steps rounded up: Trainer's own rule
+    (TrainingArguments.get_warmup_steps and TrainerState.compute_steps: math.ceil(total * ratio))."""
+    return int(value) if value >= 1 or value == 0 else math.ceil(total_steps * value)
+
+
+# train.full_determinism: the environment transformers' enable_full_determinism sets (cuBLAS needs
+# its workspace setting before CUDA starts, so the plan exports it to every rank; the CUDA launch
+# blocking and FlashAttention switches come with it, as there). trainer/numerics.py does the rest.
+DETERMINISM_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":16:8", "CUDA_LAUNCH_BLOCKING": "1", "FLASH_ATTENTION_DETERMINISTIC": "1"}

@@ -16,7 +16,7 @@ from launcher.errors import ConfigError
 PLAN_FILE = "plan.json"
 # Raised whenever a field is added, removed or changes its meaning: ranks refuse a plan.json of
 # another version instead of misreading it (a SLURM requeue after an upgrade, say).
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 @dataclass(kw_only=True)
@@ -44,11 +44,17 @@ class Plan:
     total_steps: int
     warmup_steps: int
     tokens_per_step: int
+    # train.logging_steps, eval_steps, save_steps as step counts: a ratio below 1 of the total steps
+    # resolved once here (math.ceil, as Trainer). eval_steps 0: every logging_steps.
+    logging_steps: int = 0
+    eval_steps: int = 0
+    save_steps: int = 0
     env: dict[str, str] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)
     script: str = ""  # the sbatch script, for cluster=slurm
     memory: dict[str, float] = field(default_factory=dict)  # GB per rank (launcher/memory.py)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # older names used (transformers 4's): what to write instead
     deepspeed: dict = field(default_factory=dict)  # the derived DeepSpeed config, zero* strategies
     # Text records for a transformers model (data=jsonl, hf, stdlib_instruct): the tokenized cache
     # folder the ranks memory-map ("" in a dry run before tokenization), and its counts

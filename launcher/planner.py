@@ -14,6 +14,7 @@ from cluster.environment import Host
 from launcher.errors import ConfigError
 from launcher.deepspeed_config import deepspeed_config
 from launcher.memory import plan_memory
+from launcher.options import DETERMINISM_ENV, resolve_steps
 from launcher.plan import Plan
 from launcher.schema import HwConfig, RunConfig
 from launcher import corpus
@@ -71,10 +72,19 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
         total = t.max_steps
     else:
         total = math.ceil(t.num_train_epochs * steps_per_epoch)  # as transformers' Trainer
-    warmup = cfg.scheduler.warmup_steps if cfg.scheduler.warmup_steps > 0 else math.ceil(total * cfg.scheduler.warmup_ratio)
+    sch = cfg.scheduler
+    # transformers 5: warmup_steps is a count, or a ratio below 1 of the total steps. transformers 4's
+    # warmup_ratio, when set, gives the ratio (the conf/scheduler files hold their default ratio in
+    # warmup_steps); a count in warmup_steps still wins over it, as in transformers 4.
+    if sch.warmup_ratio > 0 and sch.warmup_steps < 1:
+        warmup = math.ceil(total * sch.warmup_ratio)
+    else:
+        warmup = resolve_steps(sch.warmup_steps, total)
     backend = t.ddp_backend or ("nccl" if cfg.hw.accelerator == "cuda" else "gloo")
     threads = max(1, cfg.hw.cpus_per_node // nproc) if cfg.hw.accelerator == "cpu" else max(1, min(8, cfg.hw.cpus_per_node // max(1, nproc)))
     env = {"OMP_NUM_THREADS": str(threads), **cfg.hw.nccl_env}
+    if t.full_determinism:  # what transformers' enable_full_determinism exports, set before CUDA starts
+        env.update(DETERMINISM_ENV)
     plan = Plan(
         run_dir=str(run_dir),
         cluster=cfg.cluster.name,
@@ -96,8 +106,14 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
         total_steps=total,
         warmup_steps=warmup,
         tokens_per_step=effective * cfg.data.seq_len,
+        logging_steps=resolve_steps(t.logging_steps, total) or 1,
+        eval_steps=resolve_steps(t.eval_steps, total),
+        save_steps=resolve_steps(t.save_steps, total),
         env=env,
+        notes=list(t.notes),
     )
+    if sch.warmup_ratio > 0:
+        plan.notes.append(f"scheduler.warmup_ratio is transformers 4's name (removed in transformers 5); write scheduler.warmup_steps={sch.warmup_ratio:g} (a ratio below 1)")
     if tokenized is not None and tokenized.folder:
         plan.data_cache = tokenized.folder
         plan.tokenized = dataclasses.asdict(tokenized)
@@ -128,6 +144,18 @@ def samples_line(plan: Plan, cfg: RunConfig) -> str:
     return line
 
 
+def intervals_line(plan: Plan, cfg: RunConfig) -> str:
+    """Logging, evaluation and saving as the ranks will do them (ratios resolved to steps)."""
+    t = cfg.train
+    parts = [f"log every {plan.logging_steps}" + (" and step 1" if t.logging_first_step else "")]
+    if t.eval_strategy != "no":
+        every = f"every {plan.eval_steps or plan.logging_steps} steps" if t.eval_strategy == "steps" else "every epoch"
+        parts.append(f"evaluate {every}" + (f" from {t.eval_delay:g} {'steps' if t.eval_strategy == 'steps' else 'epochs'}" if t.eval_delay else ""))
+    if t.save_strategy != "no":
+        parts.append({"steps": f"save every {plan.save_steps} steps", "epoch": "save every epoch", "best": f"save when {t.eval_metric} improves"}[t.save_strategy])
+    return ", ".join(parts)
+
+
 def render_plan(plan: Plan, cfg: RunConfig) -> str:
     """The plan as a person reads it, printed before every launch."""
     rows = [
@@ -139,6 +167,7 @@ def render_plan(plan: Plan, cfg: RunConfig) -> str:
         ("batch", f"{plan.per_device_train_batch_size} per device x {plan.world_size} ranks x {plan.gradient_accumulation_steps} accumulation = {plan.effective_batch_size} effective ({plan.tokens_per_step} tokens/step)"),
         ("samples", samples_line(plan, cfg)),
         ("steps", f"{plan.steps_per_epoch} per epoch, {plan.total_steps} total ({plan.num_train_epochs:.3g} epochs), warmup {plan.warmup_steps}"),
+        ("intervals", intervals_line(plan, cfg)),
         ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g}, {cfg.scheduler.name} schedule"),
     ]
     if plan.memory:
@@ -148,6 +177,7 @@ def render_plan(plan: Plan, cfg: RunConfig) -> str:
     width = max(len(k) for k, _ in rows)
     lines = ["ringleader plan"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"  warning: {w}" for w in plan.warnings]
+    lines += [f"  note: {n}" for n in plan.notes]
     lines.append(f"  command  {plan.command_line}")
     if plan.deepspeed:
         lines += ["  deepspeed config:", *("    " + line for line in json.dumps(plan.deepspeed, indent=2).splitlines())]

@@ -27,11 +27,18 @@ ACCELERATORS = ("cpu", "cuda")
 DDP_BACKENDS = ("gloo", "nccl")
 CLUSTERS = ("local", "slurm")  # cluster.name; cluster/backend.py BACKENDS maps each to its backend
 CONTAINER_RUNTIMES = ("pyxis", "apptainer")
-INTERVALS = ("no", "steps", "epoch")  # eval_strategy, save_strategy
+INTERVALS = ("no", "steps", "epoch")  # eval_strategy
+SAVE_STRATEGIES = (*INTERVALS, "best")  # save_strategy; best: after an evaluation that improved the metric
+# train.include_num_input_tokens_seen (Trainer's): no, all (every input token, padding included),
+# non_padding (attention_mask's ones); Trainer's booleans true/false mean all/no.
+TOKENS_SEEN = ("no", "all", "non_padding")
 NONFINITE = ("error", "skip")
 # What evaluation produces, so what metric_for_best_model may name (early stopping and best-model
 # tracking would silently never fire on a metric that never appears).
-EVAL_METRICS = ("eval_loss",)
+# eval_perplexity: exp(eval_loss); eval_accuracy: next-token accuracy over the labelled tokens (needs
+# logits: trainer/model_io.py). A user's train.compute_metrics adds its own names.
+EVAL_METRICS = ("eval_loss", "eval_perplexity", "eval_accuracy")
+LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")  # greater_is_better unset: minimise these
 # train.report_to trackers ringleader really writes to (also: all, none); anything else is refused.
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 GPT_TARGET = "trainer.model.GPT"  # the built-in model, whose fields the schema checks

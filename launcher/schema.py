@@ -15,9 +15,10 @@ from omegaconf import MISSING
 from launcher.errors import ConfigError
 from launcher.registry import (
     ACCELERATORS, BITSANDBYTES, BYTE_LEVEL_DATASETS, CLUSTERS, CONTAINER_RUNTIMES, DATA_FORMATS, DATASETS, DDP_BACKENDS, EVAL_METRICS, GPT_TARGET,
-    HF_DTYPES, HF_TARGET, INTERVALS, NONFINITE, OPTIMIZERS, SCHEDULERS, STRATEGIES, TEXT_DATASETS, TOKEN_BYTES, ZERO_STAGES,
+    HF_DTYPES, HF_TARGET, INTERVALS, LOWER_IS_BETTER, NONFINITE, OPTIMIZERS, SAVE_STRATEGIES, SCHEDULERS, STRATEGIES, TEXT_DATASETS, TOKEN_BYTES,
+    TOKENS_SEEN, ZERO_STAGES,
 )
-from launcher.options import OptionError, TrackerError, parse_optim_args, resolve_report_to, schedule_kwargs
+from launcher.options import OptionError, TrackerError, parse_optim_args, resolve_report_to, schedule_kwargs, step_form_error
 from launcher.rules import DOTTED_PATH, check_extra_option, check_signal_delay, check_values, check_variable_names, require, setup_words
 
 
@@ -114,8 +115,10 @@ class SchedulerConfig:
     """The learning-rate schedule; its name is TrainingArguments' `lr_scheduler_type`."""
 
     name: str = "linear"  # linear | cosine | constant | constant_with_warmup
-    warmup_steps: int = 0  # wins over warmup_ratio when > 0
-    warmup_ratio: float = 0.0
+    # transformers 5's form: a count, or a ratio of the total steps below 1 (rounded up, as Trainer).
+    # Wins over warmup_ratio when > 0.
+    warmup_steps: float = 0
+    warmup_ratio: float = 0.0  # transformers 4's name (removed in 5); kept, with a note in the plan
     num_cycles: float = 0.5  # cosine: half a wave, as in transformers
     # Trainer's lr_scheduler_kwargs: the chosen schedule's own arguments (min_lr or min_lr_rate,
     # num_decay_steps, lr_end and power, timescale, ...; launcher/options.py SCHEDULE_KWARGS), checked
@@ -125,7 +128,7 @@ class SchedulerConfig:
     def check(self) -> None:
         require(self.name in SCHEDULERS, "scheduler.name", f"unknown schedule '{self.name}'; choose one of {', '.join(SCHEDULERS)}")
         self.check_kwargs(learning_rate=float("inf"))  # the rules against the rate: RunConfig.check
-        require(self.warmup_steps >= 0, "scheduler.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require((why := step_form_error(self.warmup_steps)) is None, "scheduler.warmup_steps", str(why))
         require(self.num_cycles > 0, "scheduler.num_cycles", f"must be > 0, got {self.num_cycles}")
         require(0 <= self.warmup_ratio <= 1, "scheduler.warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}")
 
@@ -364,14 +367,22 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 wins over num_train_epochs
     max_grad_norm: float = 1.0  # 0 disables clipping
-    logging_steps: int = 10
-    logging_first_step: bool = True
+    # logging_steps, eval_steps, save_steps: a count, or (transformers 5) a ratio below 1 of the
+    # total steps, resolved once by the planner as Trainer does (math.ceil(total * ratio)).
+    logging_steps: float = 10
+    logging_first_step: bool = False  # Trainer's default; conf/config.yaml's default job turns it on
     eval_strategy: str = "no"  # no | steps | epoch
-    eval_steps: int = 0  # 0: logging_steps, as in transformers
+    evaluation_strategy: str = ""  # transformers 4's name (removed in 5): used as eval_strategy, with a note
+    eval_steps: float = 0  # 0: logging_steps, as in transformers
+    eval_delay: float = 0  # no evaluation before this many steps (eval_strategy=steps) or epochs (epoch), as Trainer
     eval_max_batches: int = 0  # 0: the whole validation split
     eval_on_start: bool = False  # evaluate before the first step (a baseline; not tracked as best)
-    save_strategy: str = "no"  # no | steps | epoch
-    save_steps: int = 500
+    # A user's metrics: a dotted path to fn(logits, labels) -> {name: value or (numerator,
+    # denominator)}, called on every evaluation batch of every rank and summed (trainer/model_io.py
+    # EvalStatistics); reported as eval_<name>. Needs a model that gives logits.
+    compute_metrics: str = ""
+    save_strategy: str = "no"  # no | steps | epoch | best (after an evaluation that improved metric_for_best_model)
+    save_steps: float = 500
     save_total_limit: int = 0  # 0: keep all
     save_async: bool = False
     load_best_model_at_end: bool = False
@@ -381,7 +392,11 @@ class TrainConfig:
     early_stopping_threshold: float = 0.0
     bf16: bool = False
     fp16: bool = False
+    tf32: bool | None = None  # CUDA matmul and cuDNN in TF32 (Trainer's); None: torch's defaults. Refused on CPU
+    label_smoothing_factor: float = 0.0  # F.cross_entropy's label_smoothing: Trainer's LabelSmoother, token-exact
+    include_num_input_tokens_seen: str = "no"  # no | all | non_padding (true/false: all/no): num_input_tokens_seen in the logs
     gradient_checkpointing: bool = False
+    full_determinism: bool = False  # transformers' enable_full_determinism: deterministic algorithms, CUBLAS workspace, seeds
     seed: int = 42
     data_seed: int | None = None  # the data order's seed (Trainer's meaning); None: seed
     logging_dir: str = ""  # "": <output_dir>/tensorboard
@@ -412,6 +427,16 @@ class TrainConfig:
     export_final: bool = True  # write final/model.safetensors
     torch_compile: bool = False
 
+    def __post_init__(self) -> None:
+        """transformers 4's evaluation_strategy, when set, is eval_strategy (with a note in the plan);
+        Trainer's boolean include_num_input_tokens_seen is all or no."""
+        self.notes: list[str] = []
+        if self.evaluation_strategy in INTERVALS:
+            self.notes.append(f"train.evaluation_strategy is transformers 4's name (removed in transformers 5); used as train.eval_strategy={self.evaluation_strategy}: write that instead")
+            self.eval_strategy = self.evaluation_strategy
+        if str(self.include_num_input_tokens_seen).lower() in ("true", "false"):  # Trainer's boolean form
+            self.include_num_input_tokens_seen = "all" if str(self.include_num_input_tokens_seen).lower() == "true" else "no"
+
     def check(self) -> None:
         require(bool(self.output_dir.strip()), "train.output_dir", "is empty; give a folder for the run, e.g. train.output_dir=runs/my-run")
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size", f"must be >= 1, got {self.per_device_train_batch_size}")
@@ -420,11 +445,19 @@ class TrainConfig:
         require(self.max_steps >= -1, "train.max_steps", f"must be > 0, or -1 to train for train.num_train_epochs; got {self.max_steps}")
         require(self.max_steps > 0 or self.num_train_epochs > 0, "train.num_train_epochs", "must be > 0 when train.max_steps is not set; set one of them")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
-        require(self.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {self.logging_steps}")
+        require(self.logging_steps > 0, "train.logging_steps", f"must be >= 1 (a count) or in (0, 1) (a ratio of the total steps), got {self.logging_steps:g}")
+        require(self.evaluation_strategy in ("", *INTERVALS), "train.evaluation_strategy", f"'{self.evaluation_strategy}' is not one of no, steps, epoch (and it is transformers 4's name: set train.eval_strategy)")
         require(self.eval_strategy in INTERVALS, "train.eval_strategy", f"'{self.eval_strategy}' is not one of no, steps, epoch")
-        require(self.save_strategy in INTERVALS, "train.save_strategy", f"'{self.save_strategy}' is not one of no, steps, epoch")
-        require(self.eval_steps >= 0, "train.eval_steps", f"must be >= 0 (0: every logging_steps), got {self.eval_steps}")
-        require(self.save_strategy != "steps" or self.save_steps >= 1, "train.save_steps", f"must be >= 1 with save_strategy=steps, got {self.save_steps}")
+        require(self.save_strategy in SAVE_STRATEGIES, "train.save_strategy", f"'{self.save_strategy}' is not one of {', '.join(SAVE_STRATEGIES)}")
+        for key in ("logging_steps", "eval_steps", "save_steps"):
+            require((why := step_form_error(getattr(self, key))) is None, f"train.{key}", str(why))
+        require(self.save_strategy != "steps" or self.save_steps > 0, "train.save_steps", f"must be >= 1 (or a ratio in (0, 1)) with save_strategy=steps, got {self.save_steps:g}")
+        require(self.eval_delay >= 0, "train.eval_delay", f"must be >= 0 (steps or epochs, as train.eval_strategy), got {self.eval_delay:g}")
+        require(self.eval_delay == 0 or self.eval_strategy != "no", "train.eval_delay", "delays evaluations, but train.eval_strategy=no; set train.eval_strategy=steps or epoch, or drop it")
+        require(self.save_strategy != "best" or self.eval_strategy != "no", "train.save_strategy", "best saves after an evaluation that improved train.metric_for_best_model; set train.eval_strategy=steps or epoch")
+        require(0 <= self.label_smoothing_factor < 1, "train.label_smoothing_factor", f"must be in [0, 1), got {self.label_smoothing_factor:g}")
+        require(self.include_num_input_tokens_seen in TOKENS_SEEN, "train.include_num_input_tokens_seen", f"'{self.include_num_input_tokens_seen}' is not one of {', '.join(TOKENS_SEEN)} (or true/false)")
+        require(not self.compute_metrics or bool(DOTTED_PATH.fullmatch(self.compute_metrics)), "train.compute_metrics", f"'{self.compute_metrics}' is not a dotted path to a function; write e.g. mypkg.metrics.exact_match")
         require(self.eval_max_batches >= 0, "train.eval_max_batches", f"must be >= 0 (0: the whole validation split), got {self.eval_max_batches}")
         require(self.early_stopping_threshold >= 0, "train.early_stopping_threshold", f"must be >= 0, got {self.early_stopping_threshold}")
         try:
@@ -443,15 +476,19 @@ class TrainConfig:
         require(evaluates or not self.load_best_model_at_end, "train.load_best_model_at_end", "needs evaluations; set train.eval_strategy=steps or epoch")
         require(evaluates or self.early_stopping_patience == 0, "train.early_stopping_patience", "needs evaluations; set train.eval_strategy=steps or epoch")
         require(self.early_stopping_patience >= 0, "train.early_stopping_patience", f"must be >= 0, got {self.early_stopping_patience}")
-        if self.load_best_model_at_end:
+        if self.load_best_model_at_end and self.save_strategy != "best":  # best saves at evaluations by construction
             require(self.save_strategy == self.eval_strategy, "train.save_strategy", f"must equal train.eval_strategy ({self.eval_strategy}) when load_best_model_at_end")
             eval_steps = self.eval_steps or self.logging_steps
+            ratios = (self.save_steps < 1, eval_steps < 1)
+            require(ratios[0] == ratios[1], "train.save_steps", f"{self.save_steps:g} and eval_steps {eval_steps:g} mix a ratio and a count with load_best_model_at_end; give both as counts or both as ratios")
+            # As Trainer: a multiple, checked on the values given (ratios scaled to whole numbers).
+            scaled = [round(v * 1_000_000) if ratios[0] else int(v) for v in (self.save_steps, eval_steps)]
             require(
-                self.save_strategy != "steps" or self.save_steps % eval_steps == 0,
+                self.save_strategy != "steps" or scaled[0] % scaled[1] == 0,
                 "train.save_steps",
-                f"{self.save_steps} is not a multiple of eval_steps {eval_steps} with load_best_model_at_end; set train.save_steps={eval_steps * max(1, round(self.save_steps / eval_steps))}",
+                f"{self.save_steps:g} is not a multiple of eval_steps {eval_steps:g} with load_best_model_at_end; set train.save_steps={eval_steps * max(1, round(self.save_steps / eval_steps)):g}",
             )
-        require(self.eval_metric in EVAL_METRICS, "train.metric_for_best_model", f"'{self.metric_for_best_model}' is not produced by evaluation; use one of {', '.join(EVAL_METRICS)}")
+        require(self.eval_metric in EVAL_METRICS or bool(self.compute_metrics), "train.metric_for_best_model", f"'{self.metric_for_best_model}' is not produced by evaluation; use one of {', '.join(EVAL_METRICS)}, or a name your train.compute_metrics returns")
         # What an existing run directory means (launcher/rundir.py check_run_dir): each knob acts on one kind of start only.
         require(not self.overwrite_output_dir or self.resume == "none", "train.overwrite_output_dir", f"applies to a fresh start only, but train.resume={self.resume}; set train.resume=none with it, or drop it to continue the run")
         require(not self.resume_with_changed_config or self.resume != "none", "train.resume_with_changed_config", "applies to a resume only, but train.resume=none; drop it, or set train.resume=auto or a checkpoint path")
@@ -460,6 +497,14 @@ class TrainConfig:
     def eval_metric(self) -> str:
         """metric_for_best_model as evaluation names it (with its eval_ prefix)."""
         return self.metric_for_best_model if self.metric_for_best_model.startswith("eval_") else f"eval_{self.metric_for_best_model}"
+
+    @property
+    def maximize(self) -> bool:
+        """greater_is_better, resolved: unset, a loss or perplexity is minimised, anything else
+        maximised (Trainer's rule is `not name.endswith("loss")`, which would maximise perplexity)."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.eval_metric in LOWER_IS_BETTER or self.eval_metric.endswith("loss"))
 
     @property
     def precision(self) -> str:

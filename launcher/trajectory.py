@@ -28,6 +28,7 @@ IGNORED = frozenset({
     "train.resume", "train.overwrite_output_dir", "train.resume_with_changed_config",
     "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.save_async", "train.export_final",
     "train.eval_strategy", "train.eval_steps", "train.eval_max_batches", "train.eval_on_start", "train.per_device_eval_batch_size",
+    "train.evaluation_strategy", "train.eval_delay", "train.compute_metrics", "train.include_num_input_tokens_seen",
     "train.ddp_backend", "train.ddp_timeout",
     "data.num_workers",
     "model.init_from",

@@ -162,6 +162,7 @@ def check_hardware(cfg: RunConfig) -> None:
     require(hw.accelerator in ("cpu", "cuda"), "hw.accelerator", f"'{hw.accelerator}' is not one of cpu, cuda")
     require(not t.bf16 or hw.bf16, "train.bf16", f"the hw profile {hw.name} has no bf16; set train.fp16=true instead, or pick another +hw")
     require(not t.fp16 or hw.accelerator == "cuda", "train.fp16", "fp16 needs CUDA GPUs; on CPU use train.bf16=true or fp32")
+    require(t.tf32 is None or hw.accelerator == "cuda", "train.tf32", f"TF32 is a mode of CUDA GPUs' matmuls and convolutions; it does nothing on the CPU profile {hw.name}: drop train.tf32")
     require(t.ddp_backend != "nccl" or hw.accelerator == "cuda", "train.ddp_backend", "nccl needs CUDA GPUs; use gloo on CPU (or leave it empty)")
     bitsandbytes = cfg.optimizer.name in BITSANDBYTES
     require(not bitsandbytes or hw.accelerator == "cuda", "optimizer", f"{cfg.optimizer.name} (bitsandbytes) needs CUDA GPUs; use optimizer=adamw on CPU")

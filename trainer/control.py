@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from launcher.plan import Plan
     from launcher.schema import TrainConfig
     from trainer.loop import LoopState
 
@@ -31,37 +32,49 @@ class FlowControl:
     logging_first_step: bool = False
     eval_strategy: str = "no"  # no | steps | epoch
     eval_steps: int = 0  # 0: logging_steps, as transformers
-    save_strategy: str = "no"
+    eval_delay: float = 0  # no evaluation before this step (steps) or epoch (epoch), as Trainer
+    save_strategy: str = "no"  # no | steps | epoch | best (on_evaluate decides)
     save_steps: int = 0
 
     @classmethod
-    def from_config(cls, t: TrainConfig) -> FlowControl:
+    def from_config(cls, t: TrainConfig, plan: Plan) -> FlowControl:
+        """The config's strategies with the plan's step counts (ratios of the total already resolved)."""
         return cls(
-            logging_steps=t.logging_steps, logging_first_step=t.logging_first_step, eval_strategy=t.eval_strategy,
-            eval_steps=t.eval_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
+            logging_steps=plan.logging_steps, logging_first_step=t.logging_first_step, eval_strategy=t.eval_strategy,
+            eval_steps=plan.eval_steps, eval_delay=t.eval_delay, save_strategy=t.save_strategy, save_steps=plan.save_steps,
         )
 
     def __post_init__(self) -> None:
         self.last = Control()  # the decision of the latest step, for on_train_end
+        self.step, self.epoch = 0, 0  # of the latest step
 
     def due(self, strategy: str, every: int, step: int, epoch_ended: bool) -> bool:
         return (strategy == "steps" and every > 0 and step % every == 0) or (strategy == "epoch" and epoch_ended)
 
-    def on_step_end(self, step: int, *, epoch_ended: bool, stop_requested: bool) -> Control:
-        """After optimizer step `step`. A stop asked for on any rank skips the evaluation (the
-        checkpoint comes first) and always saves."""
+    def delayed(self, step: int, epoch: int) -> bool:
+        """Within eval_delay: Trainer compares it with the step (steps) or the epochs done (epoch)."""
+        return self.eval_delay > (step if self.eval_strategy == "steps" else epoch)
+
+    def on_step_end(self, step: int, *, epoch_ended: bool, stop_requested: bool, epoch: int = 0) -> Control:
+        """After optimizer step `step` (`epoch`: epochs completed). A stop asked for on any rank skips
+        the evaluation (the checkpoint comes first) and always saves. save_strategy=best saves only
+        after an evaluation that improved the metric (on_evaluate)."""
+        self.step, self.epoch = step, epoch
         control = Control(
             log=step % self.logging_steps == 0 or (self.logging_first_step and step == 1),
-            evaluate=self.due(self.eval_strategy, self.eval_steps or self.logging_steps, step, epoch_ended) and not stop_requested,
+            evaluate=self.due(self.eval_strategy, self.eval_steps or self.logging_steps, step, epoch_ended) and not stop_requested and not self.delayed(step, epoch),
             save=self.due(self.save_strategy, self.save_steps, step, epoch_ended) or stop_requested,
             stop=STOPPED if stop_requested else None,
         )
         self.last = control
         return control
 
-    def on_evaluate(self, control: Control, *, interrupted: bool, early_stop: bool) -> None:
+    def on_evaluate(self, control: Control, *, interrupted: bool, early_stop: bool, improved: bool = False) -> None:
         """After this step's evaluation: cut short by a stop request, it stops (with a save); or
-        early stopping ends the run (the end of the run then saves, as on_train_end says)."""
+        early stopping ends the run (the end of the run then saves, as on_train_end says). With
+        save_strategy=best, an evaluation that improved the metric saves (Trainer's SaveStrategy.BEST)."""
+        if self.save_strategy == "best" and improved:
+            control.save = True
         if interrupted:
             control.stop, control.save = STOPPED, True
         elif early_stop:
@@ -72,7 +85,9 @@ class FlowControl:
         run has saved; it evaluates when it resumes."""
         if stopped:
             return Control()
-        return Control(evaluate=self.eval_strategy != "no" and not self.last.evaluate, save=self.save_strategy != "no" and not self.last.save)
+        evaluate = self.eval_strategy != "no" and not self.last.evaluate and not self.delayed(self.step, self.epoch)
+        # best: the end saves only if its evaluation improves the metric (on_evaluate).
+        return Control(evaluate=evaluate, save=self.save_strategy not in ("no", "best") and not self.last.save)
 
 
 def better(value: float, best: float | None, *, greater_is_better: bool) -> bool:

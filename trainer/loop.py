@@ -31,7 +31,7 @@ from trainer.control import STOPPED, Control, FlowControl, track_evaluation
 from trainer.data import epoch_ends, eval_batches, start_position, train_batches
 from trainer.faults import fault_point, planned
 from trainer.metrics import MetricsLogger, mfu, model_flops_per_token
-from trainer.model_io import Batch, as_batch, count_labels, to_device
+from trainer.model_io import Batch, EvalStatistics, MetricFn, as_batch, count_labels, to_device
 from trainer.runtime import Runtime
 from trainer.strategies import Strategy
 from trainer.strategies.base import LOSS_SCALE, NONFINITE
@@ -55,7 +55,8 @@ class LoopState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     consumed: int = 0  # samples of this epoch consumed, over all ranks
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # input tokens of the batches trained on, padding included, all ranks (Trainer's "all")
+    non_padding_tokens_seen: int = 0  # those with attention_mask 1 (every token without a mask): Trainer's "non_padding"
     skipped_steps: int = 0
     best_metric: float | None = None  # the best evaluation so far (early stopping counts from it)
     best_step: int | None = None
@@ -73,6 +74,8 @@ class StepOutcome:
 
     loss_sum: float  # summed cross-entropy over every labelled token of the step, all ranks
     tokens: int  # labelled tokens of the step, all ranks
+    input_tokens: int  # input tokens of the step, padding included, all ranks
+    non_padding_tokens: int  # of which attention_mask says real (all of them without a mask)
     grad_norm: torch.Tensor  # before clipping
     skipped: str | None  # None (applied), LOSS_SCALE, or NONFINITE (a non-finite loss on some rank, or gradients)
     stop_requested: bool  # a stop signal on some rank
@@ -106,7 +109,10 @@ def all_reduce(values: list[float], op=None) -> list[float]:
 
 
 class Trainer:
-    def __init__(self, *, cfg: RunConfig, plan: Plan, runtime: Runtime, strategy: Strategy, train_set, eval_set, checkpoints: CheckpointManager, metrics: MetricsLogger, state: LoopState) -> None:
+    def __init__(
+        self, *, cfg: RunConfig, plan: Plan, runtime: Runtime, strategy: Strategy, train_set, eval_set, checkpoints: CheckpointManager, metrics: MetricsLogger, state: LoopState,
+        with_logits: bool = False, metric_fn: MetricFn | None = None,
+    ) -> None:
         self.cfg, self.plan, self.rt, self.strategy = cfg, plan, runtime, strategy
         self.train_set, self.eval_set = train_set, eval_set
         self.checkpoints, self.metrics, self.state = checkpoints, metrics, state
@@ -120,8 +126,12 @@ class Trainer:
         self.usable = min(usable, len(train_set) // self.E * self.E)
         if self.usable == 0:
             raise ValueError(f"the training set has {len(train_set)} samples, fewer than one optimizer step of {self.E}; lower the batch or accumulation, or use more data")
-        self.flow = FlowControl.from_config(t)
-        self.greater_is_better = t.greater_is_better if t.greater_is_better is not None else not t.metric_for_best_model.endswith("loss")
+        self.flow = FlowControl.from_config(t, plan)
+        self.greater_is_better = t.maximize
+        # Evaluation's statistics: with logits when the model gives them (eval_accuracy, a user's
+        # train.compute_metrics; main.py refused what needs them otherwise).
+        self.with_logits = with_logits
+        self.metric_fn = metric_fn
         # Model FLOPs utilisation, where the hardware profile gives its peak (trainer/metrics.py).
         self.flops_per_token = model_flops_per_token(strategy.model, seq_len=cfg.data.seq_len) if cfg.hw.peak_tflops_bf16 > 0 else 0.0
         self.status = "running"
@@ -132,7 +142,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        s, started = self.state, time.perf_counter()
+        s, t, started = self.state, self.cfg.train, time.perf_counter()
         batches = self.batches()
         if self.cfg.train.eval_on_start and s.step == 0 and self.cfg.train.eval_strategy != "no":
             self.evaluate_and_log()
@@ -141,13 +151,14 @@ class Trainer:
             outcome = self.train_step([as_batch(next(batches)) for _ in range(self.G)])
             epoch_ended = self.advance(outcome)
             window.add(outcome, self.plan.tokens_per_step)
-            control = self.flow.on_step_end(s.step, epoch_ended=epoch_ended, stop_requested=outcome.stop_requested or self.interrupted)
+            control = self.flow.on_step_end(s.step, epoch_ended=epoch_ended, stop_requested=outcome.stop_requested or self.interrupted, epoch=s.epoch)
             if control.log:
                 self.log_window(window, outcome.grad_norm)
                 window = Window()
             if control.evaluate:
-                early_stop = self.evaluate_and_track(checkpointed=control.save)
-                self.flow.on_evaluate(control, interrupted=self.interrupted, early_stop=early_stop)
+                # save_strategy=best saves exactly the evaluations that improve: those may be loaded at the end.
+                early_stop = self.evaluate_and_track(checkpointed=control.save or t.save_strategy == "best")
+                self.flow.on_evaluate(control, interrupted=self.interrupted, early_stop=early_stop, improved=s.best_step == s.step)
             if control.save:
                 self.save()
             if control.stop:
@@ -157,7 +168,8 @@ class Trainer:
         self.status = "completed" if self.status == "running" else self.status
         end = self.flow.on_train_end(stopped=self.status == STOPPED)
         if end.evaluate:
-            self.evaluate_and_track(checkpointed=end.save)
+            self.evaluate_and_track(checkpointed=end.save or t.save_strategy == "best")
+            self.flow.on_evaluate(end, interrupted=False, early_stop=False, improved=s.best_step == s.step)
         if end.save:
             self.save()
         self.checkpoints.wait()
@@ -167,8 +179,11 @@ class Trainer:
         """One optimizer step over this rank's micro-batches, token-exact; every rank returns the
         same outcome (loss and stop flags are reduced once after the step)."""
         rt, step = self.rt, self.state.step + 1
-        # The step's labelled tokens over all ranks, counted on the CPU before the batches move.
-        (tokens,) = all_reduce([float(sum(map(count_labels, micro_batches)))])
+        # The step's labelled tokens over all ranks, counted on the CPU before the batches move (and
+        # its input tokens, for num_input_tokens_seen: the same collective).
+        inputs = sum(b["input_ids"].numel() for b in micro_batches)
+        real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches)
+        tokens, input_tokens, non_padding = all_reduce([float(sum(map(count_labels, micro_batches))), float(inputs), float(real)])
         self.strategy.train()
         loss_sum = torch.zeros((), device=rt.device)
         scale = math.inf if planned("overflow", step, rt.rank) else 1.0  # tests only: RINGLEADER_FAULT
@@ -183,14 +198,15 @@ class Trainer:
         # rank, the step's loss over all ranks.
         stop, nonfinite, total = all_reduce([float(bool(rt.stop.signum)), float(not math.isfinite(local_loss)), local_loss if math.isfinite(local_loss) else 0.0])
         skipped = NONFINITE if nonfinite else result.skipped
-        return StepOutcome(loss_sum=total, tokens=int(tokens), grad_norm=result.grad_norm, skipped=skipped, stop_requested=bool(stop), local_loss=local_loss)
+        return StepOutcome(loss_sum=total, tokens=int(tokens), input_tokens=int(input_tokens), non_padding_tokens=int(non_padding), grad_norm=result.grad_norm, skipped=skipped, stop_requested=bool(stop), local_loss=local_loss)
 
     def advance(self, outcome: StepOutcome) -> bool:
         """Count the step in the loop's state; True when it ended an epoch."""
         s = self.state
         s.step += 1
         s.consumed += self.E
-        s.tokens_seen += self.plan.tokens_per_step
+        s.tokens_seen += outcome.input_tokens
+        s.non_padding_tokens_seen += outcome.non_padding_tokens
         epoch_ended = epoch_ends(s.consumed, step_samples=self.E, usable=self.usable)
         if epoch_ended:
             s.epoch, s.consumed = s.epoch + 1, 0
@@ -258,6 +274,9 @@ class Trainer:
             "step_time_s": round(max(times), 5),
             "slowest_rank": int(max(range(len(times)), key=times.__getitem__)),
         }
+        seen = self.cfg.train.include_num_input_tokens_seen
+        if seen != "no":  # Trainer's num_input_tokens_seen: cumulative over the run, across resumes
+            event["num_input_tokens_seen"] = self.state.tokens_seen if seen == "all" else self.state.non_padding_tokens_seen
         if self.flops_per_token:
             event["mfu"] = round(mfu(tokens_per_s / self.rt.world_size, self.flops_per_token, self.cfg.hw.peak_tflops_bf16), 6)
         if self.rt.device.type == "cuda":  # this rank's peak since the start, what an OOM is about
@@ -271,7 +290,7 @@ class Trainer:
         t = self.cfg.train
         self.strategy.eval()
         loader = eval_batches(self.eval_set, batch_size=t.per_device_eval_batch_size, rank=self.rt.rank, world_size=self.rt.world_size, max_batches=t.eval_max_batches)
-        total, tokens, samples = 0.0, 0.0, 0.0
+        stats = EvalStatistics(with_logits=self.with_logits, metric_fn=self.metric_fn)
         for raw in loader:
             fault_point("eval", self.state.step, self.rt.rank)  # tests only: a slow evaluation
             # A stop asked for on any rank ends the evaluation on all of them at this batch (one
@@ -282,14 +301,27 @@ class Trainer:
                 self.strategy.train()
                 raise EvaluationInterrupted
             batch = as_batch(raw)
-            loss_sum, _ = self.strategy.loss(to_device(batch, self.rt.device))
-            total += float(loss_sum)
-            tokens += count_labels(batch)
-            samples += len(batch["input_ids"])
+            self.strategy.evaluate_batch(stats, to_device(batch, self.rt.device))
+            stats.add("samples", len(batch["input_ids"]), self.rt.device)
             self.activity.beats += 1
-        total, tokens, samples = all_reduce([total, tokens, samples])
+        results = stats.metrics(self.reduce_statistics)
         self.strategy.train()
-        return {"eval_loss": total / max(tokens, 1.0), "eval_samples": int(samples)}
+        results["eval_samples"] = int(results.pop("eval_samples"))
+        return results
+
+    def reduce_statistics(self, names: list[str], values: torch.Tensor) -> torch.Tensor:
+        """Sum an evaluation's statistics over ranks: one all-reduce (gloo: on the CPU). The names
+        are compared first when a user's metrics are in (a rank with other names would hang the sum)."""
+        if not dist.is_initialized():
+            return values
+        if self.metric_fn is not None:
+            every: list[Any] = [None] * self.rt.world_size
+            dist.all_gather_object(every, names)
+            if any(other != names for other in every):
+                raise ValueError(f"train.compute_metrics returned other names on another rank ({every}); return the same names on every batch")
+        values = values.cpu() if dist.get_backend() == "gloo" else values
+        dist.all_reduce(values)
+        return values
 
     def evaluate_and_log(self) -> dict[str, float] | None:
         """Evaluate and log; None when a stop request cut it short (the next step boundary stops)."""
@@ -312,9 +344,9 @@ class Trainer:
         if results is None:
             return False
         self.state.last_eval = results
-        value = results.get(t.metric_for_best_model if t.metric_for_best_model.startswith("eval_") else f"eval_{t.metric_for_best_model}")
-        if value is None:
-            return False
+        value = results.get(t.eval_metric)
+        if value is None:  # as Trainer's _determine_best_metric: a metric evaluation did not produce
+            raise ValueError(f"train.metric_for_best_model: {t.eval_metric} is not among the evaluation's metrics ({', '.join(sorted(results))}); pick one of them")
         return track_evaluation(
             self.state, value, greater_is_better=self.greater_is_better, threshold=t.early_stopping_threshold,
             patience=t.early_stopping_patience, checkpointed=checkpointed, saves=t.save_strategy != "no",

@@ -16,12 +16,16 @@ from safetensors.torch import load_file
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from launcher.files import atomic_write
+from launcher.schema import TrainConfig
+from launcher.targets import load_target
 from trainer.build import build_model
 from trainer.checkpoint import CheckpointManager, apply_new_config
 from trainer.data import build_dataset
 from trainer.export import write_final
 from trainer.loop import LoopState, Trainer
 from trainer.metrics import MetricsLogger
+from trainer.model_io import gives_logits
+from trainer.numerics import apply_numerics
 from trainer.requeue import stop_status
 from trainer.runtime import close_runtime, init_runtime, load_run
 from trainer.strategies import build_strategy
@@ -38,8 +42,13 @@ def main(run_dir: Path) -> int:
     t = cfg.train
     result: dict = {"status": "failed"}
     try:
+        apply_numerics(t)  # train.tf32, train.full_determinism
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_model(cfg.model, strategy=cfg.strategy.name, seed=t.seed, deepspeed=plan.deepspeed)
+        with_logits = gives_logits(model)
+        if (setting := needs_logits(t)) and not with_logits:
+            raise ValueError(f"{setting} needs the model's logits, but {cfg.model._target_} returns only its own mean loss; give its forward labels=None and return logits without labels (trainer/model_io.py), or drop it")
+        metric_fn = load_target(t.compute_metrics, "train.compute_metrics") if t.compute_metrics else None
         if cfg.data.is_text and cfg.data.packing:
             from trainer.hf_model import packing_refusal
 
@@ -83,7 +92,10 @@ def main(run_dir: Path) -> int:
         if resume_from:
             metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resume_from)})
 
-        trainer = Trainer(cfg=cfg, plan=plan, runtime=rt, strategy=strategy, train_set=train_set, eval_set=eval_set, checkpoints=checkpoints, metrics=metrics, state=state)
+        trainer = Trainer(
+            cfg=cfg, plan=plan, runtime=rt, strategy=strategy, train_set=train_set, eval_set=eval_set, checkpoints=checkpoints, metrics=metrics, state=state,
+            with_logits=with_logits, metric_fn=metric_fn,
+        )
         # Ends this rank if it stalls after SIGTERM; evaluation batches and saves count as progress.
         Watchdog(rt.stop, state, rank=rt.rank, log_file=run_dir / "logs" / f"rank-{rt.rank}.log", activity=trainer.activity).start()
         result = trainer.fit()
@@ -112,6 +124,15 @@ def main(run_dir: Path) -> int:
             result = stop_status(result, signal_name=rt.stop.name, job_id=rt.env.job_id, restarts=rt.env.requeue_count, max_requeues=cfg.cluster.max_requeues)
             write_result(run_dir, result, rt.stop.name)
         close_runtime(rt)
+
+
+def needs_logits(t: TrainConfig) -> str:
+    """The setting that needs logits from the model, or ""."""
+    if t.label_smoothing_factor:
+        return f"train.label_smoothing_factor={t.label_smoothing_factor:g}"
+    if t.eval_metric == "eval_accuracy" and t.eval_strategy != "no":
+        return "train.metric_for_best_model=eval_accuracy"
+    return "train.compute_metrics" if t.compute_metrics else ""
 
 
 def write_result(run_dir: Path, result: dict, signal_name: str) -> None:

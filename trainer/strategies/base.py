@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from launcher.schema import RunConfig
 from trainer.durable import FileInfo
-from trainer.model_io import Batch, loss_sum_and_count
+from trainer.model_io import Batch, EvalStatistics, loss_sum_and_count
 
 # Why a step's update was not applied (StepResult.skipped); the schedule did not advance either.
 LOSS_SCALE = "loss_scale"  # the fp16 loss scaler's overflow: it lowered its scale and tries again; expected now and then
@@ -73,7 +73,12 @@ class Strategy(ABC):
         (the last micro-batch of an optimizer step)."""
         self.set_gradient_sync(sync)
         with self.autocast():
-            return loss_sum_and_count(self.model, batch)
+            return loss_sum_and_count(self.model, batch, label_smoothing=self.cfg.train.label_smoothing_factor if self.model.training else 0.0)
+
+    def evaluate_batch(self, statistics: EvalStatistics, batch: Batch) -> None:
+        """One evaluation batch's forward into `statistics` (trainer/model_io.py), under autocast."""
+        with self.autocast():
+            statistics.update(self.model, batch)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
         """The mean loss of one micro-batch (for a single micro-batch: tests and benchmarks)."""
