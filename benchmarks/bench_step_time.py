@@ -69,7 +69,8 @@ def build_ours(run_dir: Path, *, rank: int, world: int):
     torch.manual_seed(t.seed)
     strategy = build_strategy("ddp", cfg=cfg, device=device)
     strategy.setup(build_model(cfg.model), total_steps=TOTAL_STEPS, warmup_steps=0)
-    plan = SimpleNamespace(effective_batch_size=BATCH * world, total_steps=TOTAL_STEPS, steps_per_epoch=0, tokens_per_step=BATCH * world * SEQ)
+    plan = SimpleNamespace(effective_batch_size=BATCH * world, total_steps=TOTAL_STEPS, steps_per_epoch=0, tokens_per_step=BATCH * world * SEQ,
+                           logging_steps=LOGGING_STEPS, eval_steps=0, save_steps=0, warmup_steps=0)
     return Trainer(
         cfg=cfg, plan=plan, runtime=rt, strategy=strategy, train_set=build_dataset(cfg.data, "train", vocab_size=256, seed=t.seed), eval_set=None,
         checkpoints=CheckpointManager(run_dir / "checkpoints", rank=rank, world_size=world, device=device, save_total_limit=0, config_hash="bench"),
