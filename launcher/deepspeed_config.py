@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from launcher.trajectory import flatten
+
 from launcher.errors import ConfigError
 from launcher.registry import ZERO_STAGES
 from launcher.schema import RunConfig
@@ -89,17 +91,6 @@ def derive(cfg: RunConfig, *, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; the optimizer and scheduler sections stay whole."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in ("optimizer", "scheduler"):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
@@ -113,7 +104,7 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def check_user_keys(derived: dict[str, Any], user: dict[str, Any]) -> None:
     """Refuse a user key that sets something the schema owns to another value."""
-    for key, value in flatten(user).items():
+    for key, value in flatten(user, whole=frozenset({"optimizer", "scheduler"})).items():  # those sections stay whole
         owner = next((o for o in OWNED if key == o or key.startswith(o + ".")), None)
         if owner is None:
             continue

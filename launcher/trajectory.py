@@ -38,14 +38,16 @@ IGNORED = frozenset({
 EFFECTIVE_BATCH = "effective batch (train.per_device_train_batch_size x world size x train.gradient_accumulation_steps)"
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    if isinstance(node, dict):
+def flatten(node: Any, prefix: str = "", *, whole: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists, empty dicts and the sections named in `whole` stay values.
+    The one flattening of nested config (config changes, DeepSpeed's user keys, trackers' parameters)."""
+    key = prefix.rstrip(".")
+    if isinstance(node, dict) and node and key not in whole:
         out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
+        for name, value in node.items():
+            out.update(flatten(value, f"{prefix}{name}.", whole=whole))
         return out
-    return {prefix.rstrip("."): node}
+    return {key: node}
 
 
 def counts(key: str) -> bool:

@@ -54,15 +54,24 @@ def last_step(run_dir: Path) -> int | None:
     return None
 
 
+def run_and_job(args: list[str], verb: str) -> tuple[Path, tuple[Backend, str] | None] | None:
+    """The run directory and its recorded job, or None after printing the one-line error."""
+    run_dir = run_dir_arg(args, verb)
+    if run_dir is None:
+        return None
+    try:
+        return run_dir, job_of(run_dir)
+    except ConfigError as exc:
+        error(str(exc))
+        return None
+
+
 def status(args: list[str]) -> int:
     """The run's state: the SLURM job's (if it was submitted), its last step, its result."""
-    run_dir = run_dir_arg(args, "status")
-    if run_dir is None:
+    found = run_and_job(args, "status")
+    if found is None:
         return 2
-    try:
-        job = job_of(run_dir)
-    except ConfigError as exc:
-        return error(str(exc))
+    run_dir, job = found
     plan = read_json(run_dir / "plan.json") or {}
     result = read_json(run_dir / "result.json") or {}
     rows = [("run directory", str(run_dir)), ("where", f"{plan.get('cluster', '?')}: {plan.get('nodes', '?')} node(s) x {plan.get('nproc_per_node', '?')}")]
@@ -132,13 +141,10 @@ def logs(args: list[str]) -> int:
 def cancel(args: list[str]) -> int:
     """Cancel the run's job. On SLURM, scancel sends SIGTERM: the ranks stop at a step boundary and save
     a checkpoint (rerun the same command to resume); SLURM kills what is left after KillWait."""
-    run_dir = run_dir_arg(args, "cancel")
-    if run_dir is None:
+    found = run_and_job(args, "cancel")
+    if found is None:
         return 2
-    try:
-        job = job_of(run_dir)
-    except ConfigError as exc:
-        return error(str(exc))
+    run_dir, job = found
     if job is None:
         return error(f"{run_dir} has no SLURM job to cancel (no slurm.json); a local run stops with Ctrl-C")
     from cluster.backend import BackendError

@@ -60,13 +60,11 @@ def write_state(run_dir: Path, state: dict[str, Any]) -> None:
     atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
-def flat_config(node: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(node, dict):
-        out: dict[str, str] = {}
-        for k, v in node.items():
-            out.update(flat_config(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): json.dumps(node) if not isinstance(node, str) else node}
+def flat_config(node: Any) -> dict[str, str]:
+    """The config as MLflow parameters: dotted keys, values as strings (JSON where not a string)."""
+    from launcher.trajectory import flatten
+
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(node).items()}
 
 
 class WandbTracker:
