@@ -377,6 +377,12 @@ class TrainConfig:
     eval_delay: float = 0  # no evaluation before this many steps (eval_strategy=steps) or epochs (epoch), as Trainer
     eval_max_batches: int = 0  # 0: the whole validation split
     eval_on_start: bool = False  # evaluate before the first step (a baseline; not tracked as best)
+    # Prompts completed greedily at each evaluation, by every rank together (collective under
+    # sharding), logged by rank 0 to metrics.jsonl ("generations") and TensorBoard text; written
+    # as data.format writes prompts (messages: the chat template with the generation prompt).
+    # Transformers models only (trainer/generate.py).
+    eval_prompts: list[str] = field(default_factory=list)
+    eval_max_new_tokens: int = 32  # the most tokens each completion gets (it stops earlier at eos)
     # A user's metrics: a dotted path to fn(logits, labels) -> {name: value or (numerator,
     # denominator)}, called on every evaluation batch of every rank and summed (trainer/model_io.py
     # EvalStatistics); reported as eval_<name>. Needs a model that gives logits.
@@ -458,6 +464,9 @@ class TrainConfig:
         require(0 <= self.label_smoothing_factor < 1, "train.label_smoothing_factor", f"must be in [0, 1), got {self.label_smoothing_factor:g}")
         require(self.include_num_input_tokens_seen in TOKENS_SEEN, "train.include_num_input_tokens_seen", f"'{self.include_num_input_tokens_seen}' is not one of {', '.join(TOKENS_SEEN)} (or true/false)")
         require(not self.compute_metrics or bool(DOTTED_PATH.fullmatch(self.compute_metrics)), "train.compute_metrics", f"'{self.compute_metrics}' is not a dotted path to a function; write e.g. mypkg.metrics.exact_match")
+        require(self.eval_max_new_tokens >= 1, "train.eval_max_new_tokens", f"must be >= 1, got {self.eval_max_new_tokens}")
+        require(all(isinstance(p, str) and p.strip() for p in self.eval_prompts), "train.eval_prompts", "must be a list of non-empty strings; write e.g. train.eval_prompts='[\"What does json.dumps do?\"]'")
+        require(not self.eval_prompts or self.eval_strategy != "no", "train.eval_prompts", "are completed at evaluations, but train.eval_strategy=no; set train.eval_strategy=steps or epoch")
         require(self.eval_max_batches >= 0, "train.eval_max_batches", f"must be >= 0 (0: the whole validation split), got {self.eval_max_batches}")
         require(self.early_stopping_threshold >= 0, "train.early_stopping_threshold", f"must be >= 0, got {self.early_stopping_threshold}")
         try:
@@ -537,6 +546,7 @@ class RunConfig:
             byte_level = d.name in BYTE_LEVEL_DATASETS
             require(not byte_level or m.vocab_size >= 256, "model.vocab_size", f"{m.vocab_size} is below 256, but data.{d.name} is byte-level; set model.vocab_size=256")
         require(not d.is_text or m.is_transformers, "data.name", f"{d.name} is tokenized for a transformers model; set model=hf or model=llama_tiny (or use data=pystdlib with model={m.name})")
+        require(not t.eval_prompts or m.is_transformers, "train.eval_prompts", f"are completed with a transformers model's generate; model={m.name} is not one: drop train.eval_prompts, or set model=hf or llama_tiny")
         require(not m.is_transformers or d.is_text or bool(d._target_), "model", f"a transformers model trains on tokenized records; set data=jsonl, hf or stdlib_instruct (data={d.name} is byte-level)")
         if d._target_:
             require(d.num_samples > 0 or t.max_steps > 0, "data.num_samples", "a custom dataset needs data.num_samples (training samples) or train.max_steps to plan the run")
