@@ -28,8 +28,10 @@ from launcher.plan import Plan
 from launcher.schema import RunConfig
 from trainer.checkpoint import CheckpointManager
 from trainer.control import STOPPED, Control, FlowControl, track_evaluation
-from trainer.data import epoch_ends, eval_batches, start_position, train_batches
+from launcher.steps import StepLayout
+from trainer.data import FILLER, eval_batches, start_position, train_batches
 from trainer.faults import fault_point, planned
+from trainer.generate import Generations
 from trainer.metrics import MetricsLogger, mfu, model_flops_per_token
 from trainer.model_io import Batch, EvalStatistics, MetricFn, as_batch, count_labels, to_device
 from trainer.runtime import Runtime
@@ -120,12 +122,13 @@ class Trainer:
         self.G = t.gradient_accumulation_steps
         self.E = plan.effective_batch_size
         self.total = plan.total_steps
-        # Samples an epoch uses: whole optimizer steps of the dataset the plan counted (the ranks'
-        # copy may be smaller if the files changed since: never more than it has).
-        usable = plan.steps_per_epoch * self.E if plan.steps_per_epoch else len(train_set) // self.E * self.E
-        self.usable = min(usable, len(train_set) // self.E * self.E)
+        # How an epoch falls into steps, as Trainer runs it (launcher/steps.py): the samples the plan
+        # counted (the ranks' copy may be smaller if the files changed since: never more than it has).
+        samples = min(plan.train_samples, len(train_set)) if plan.train_samples else len(train_set)
+        self.layout = StepLayout(samples=samples, micro_batch=t.per_device_train_batch_size * runtime.world_size, accumulation=self.G, drop_last=t.dataloader_drop_last)
+        self.usable = self.layout.kept  # samples an epoch trains on
         if self.usable == 0:
-            raise ValueError(f"the training set has {len(train_set)} samples, fewer than one optimizer step of {self.E}; lower the batch or accumulation, or use more data")
+            raise ValueError(f"the training set has {len(train_set)} samples, fewer than one micro-batch of {self.layout.micro_batch} with train.dataloader_drop_last; set it to false, or use more data")
         self.flow = FlowControl.from_config(t, plan)
         self.greater_is_better = t.maximize
         # Evaluation's statistics: with logits when the model gives them (eval_accuracy, a user's
@@ -138,6 +141,8 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.activity = Activity()  # read by the watchdog
         self.interrupted = False  # an evaluation was cut short by a stop request
+        # train.eval_prompts: completed at each evaluation by every rank together (trainer/generate.py).
+        self.generations = Generations.from_config(cfg, device=runtime.device)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -148,7 +153,8 @@ class Trainer:
             self.evaluate_and_log()
         window = Window()
         while s.step < self.total:
-            outcome = self.train_step([as_batch(next(batches)) for _ in range(self.G)])
+            # G micro-batches, fewer in an epoch's last, partial accumulation step (Trainer's).
+            outcome = self.train_step([as_batch(next(batches)) for _ in range(self.layout.micro_batches(s.consumed))])
             epoch_ended = self.advance(outcome)
             window.add(outcome, self.plan.tokens_per_step)
             control = self.flow.on_step_end(s.step, epoch_ended=epoch_ended, stop_requested=outcome.stop_requested or self.interrupted, epoch=s.epoch)
@@ -180,9 +186,11 @@ class Trainer:
         same outcome (loss and stop flags are reduced once after the step)."""
         rt, step = self.rt, self.state.step + 1
         # The step's labelled tokens over all ranks, counted on the CPU before the batches move (and
-        # its input tokens, for num_input_tokens_seen: the same collective).
-        inputs = sum(b["input_ids"].numel() for b in micro_batches)
-        real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches)
+        # its input tokens, for num_input_tokens_seen: the same collective). A filler row (a rank
+        # with no sample in a last, smaller micro-batch: trainer/data.py) has no label and no input.
+        real_batches = [b for b in micro_batches if not b.pop(FILLER, False)]
+        inputs = sum(b["input_ids"].numel() for b in real_batches)
+        real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in real_batches)
         tokens, input_tokens, non_padding = all_reduce([float(sum(map(count_labels, micro_batches))), float(inputs), float(real)])
         self.strategy.train()
         loss_sum = torch.zeros((), device=rt.device)
@@ -204,10 +212,10 @@ class Trainer:
         """Count the step in the loop's state; True when it ended an epoch."""
         s = self.state
         s.step += 1
-        s.consumed += self.E
+        s.consumed += self.layout.step_samples(s.consumed)
         s.tokens_seen += outcome.input_tokens
         s.non_padding_tokens_seen += outcome.non_padding_tokens
-        epoch_ended = epoch_ends(s.consumed, step_samples=self.E, usable=self.usable)
+        epoch_ended = self.layout.epoch_ends(s.consumed)
         if epoch_ended:
             s.epoch, s.consumed = s.epoch + 1, 0
         if outcome.skipped == LOSS_SCALE:
@@ -221,13 +229,14 @@ class Trainer:
     def batches(self) -> Iterator:
         """This rank's micro-batches from the state's position on, epoch after epoch."""
         t, s, rt = self.cfg.train, self.state, self.rt
-        epoch, consumed = start_position(s.epoch, s.consumed, step_samples=self.E, usable=self.usable)
+        epoch, consumed = start_position(s.epoch, s.consumed, step_samples=self.layout.smallest, usable=self.layout.samples)
         if (epoch, consumed) != (s.epoch, s.consumed):
-            log.info("epoch %d has no whole optimizer step of %d samples left after position %d of %d: continuing with epoch %d", s.epoch, self.E, s.consumed, self.usable, epoch)
+            log.info("epoch %d has no step of %d samples left after position %d of %d: continuing with epoch %d", s.epoch, self.layout.smallest, s.consumed, self.layout.samples, epoch)
             s.epoch, s.consumed = epoch, consumed
         return train_batches(
-            self.train_set, s, usable=self.usable, step_samples=self.E, batch_size=t.per_device_train_batch_size, rank=rt.rank,
+            self.train_set, s, usable=self.layout.samples, step_samples=self.E, batch_size=t.per_device_train_batch_size, rank=rt.rank,
             world_size=rt.world_size, seed=t.seed if t.data_seed is None else t.data_seed, num_workers=self.cfg.data.num_workers, pin_memory=rt.device.type == "cuda",
+            drop_last=t.dataloader_drop_last,
         )
 
     def log_stop(self, control: Control) -> None:
@@ -333,6 +342,9 @@ class Trainer:
             self.interrupted = True
             return None
         self.metrics.log({"step": s.step, "epoch": round(s.epoch + s.consumed / max(1, self.usable), 4), **results})
+        if self.generations is not None:  # every rank generates (collective under sharding); rank 0 writes
+            self.metrics.log({"step": s.step, "generations": self.generations(self.strategy)})
+            self.activity.beats += 1
         return results
 
     def evaluate_and_track(self, *, checkpointed: bool) -> bool:

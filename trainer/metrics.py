@@ -67,6 +67,10 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):
                     name = key.replace("eval_", "eval/") if key.startswith("eval_") else f"{prefix}/{key}"
                     self.writer.add_scalar(name, value, event.get("step", 0))
+            if isinstance(event.get("generations"), list):  # train.eval_prompts (trainer/generate.py)
+                from trainer.generate import as_markdown
+
+                self.writer.add_text("eval/generations", as_markdown(event["generations"]), event.get("step", 0))
             self.writer.flush()
         if self.trackers is not None:
             self.trackers.log(event)
