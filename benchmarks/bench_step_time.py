@@ -38,11 +38,10 @@ BATCH, SEQ, TOTAL_STEPS, LOGGING_STEPS = 16, 128, 100_000, 25
 def build_ours(run_dir: Path, *, rank: int, world: int):
     """ringleader's Trainer as trainer/main.py builds it for the default job (gpt_tiny, pystdlib,
     ddp, AdamW, cosine), without evaluation or checkpoints."""
-    from types import SimpleNamespace
-
     import torch
 
     from cluster.environment import detect_environment
+    from launcher.plan import Plan
     from launcher.schema import RunConfig
     from trainer.build import build_model
     from trainer.checkpoint import CheckpointManager
@@ -69,8 +68,13 @@ def build_ours(run_dir: Path, *, rank: int, world: int):
     torch.manual_seed(t.seed)
     strategy = build_strategy("ddp", cfg=cfg, device=device)
     strategy.setup(build_model(cfg.model), total_steps=TOTAL_STEPS, warmup_steps=0)
-    plan = SimpleNamespace(effective_batch_size=BATCH * world, total_steps=TOTAL_STEPS, steps_per_epoch=0, tokens_per_step=BATCH * world * SEQ,
-                           logging_steps=LOGGING_STEPS, eval_steps=0, save_steps=0, warmup_steps=0)
+    samples = BATCH * world * TOTAL_STEPS
+    plan = Plan(  # a real plan: the loop reads what a launched run's ranks read (no eval, no checkpoints)
+        run_dir=str(run_dir), cluster="local", nodes=1, nproc_per_node=world, world_size=world, accelerator="cpu", backend="gloo",
+        threads_per_rank=1, strategy="ddp", precision="fp32", per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+        effective_batch_size=BATCH * world, train_samples=samples, eval_samples=0, steps_per_epoch=TOTAL_STEPS, num_train_epochs=1.0,
+        total_steps=TOTAL_STEPS, warmup_steps=0, tokens_per_step=BATCH * world * SEQ, logging_steps=LOGGING_STEPS,
+    )
     return Trainer(
         cfg=cfg, plan=plan, runtime=rt, strategy=strategy, train_set=build_dataset(cfg.data, "train", vocab_size=256, seed=t.seed), eval_set=None,
         checkpoints=CheckpointManager(run_dir / "checkpoints", rank=rank, world_size=world, device=device, save_total_limit=0, config_hash="bench"),
