@@ -173,7 +173,9 @@ def render_plan(plan: Plan, cfg: RunConfig) -> str:
     if plan.memory:
         mem = dict(plan.memory)
         count = mem.pop("num_parameters", 0.0)
-        rows.append(("memory/rank", f"{count / 1e6:.4g} M parameters; " + ", ".join(f"{k.replace('_', ' ')} {format_gb(v)}" for k, v in mem.items())))
+        trainable = mem.pop("num_trainable_parameters", None)  # LoRA: the adapter's (frozen parameters: the base's weights)
+        counts = f"{count / 1e6:.4g} M parameters" + (f", {trainable / 1e6:.4g} M train ({cfg.peft.method} r {cfg.peft.r})" if trainable is not None else "")
+        rows.append(("memory/rank", f"{counts}; " + ", ".join(f"{k.replace('_', ' ')} {format_gb(v)}" for k, v in mem.items())))
     width = max(len(k) for k, _ in rows)
     lines = ["ringleader plan"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"  warning: {w}" for w in plan.warnings]

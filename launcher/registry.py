@@ -47,3 +47,9 @@ HF_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype: the weights' dtyp
 # model.attn_implementation values transformers knows; those that isolate packed samples.
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 PACKING_ATTN = ATTN_IMPLEMENTATIONS
+# peft.method: no adapter (full training), LoRA through peft, QLoRA (LoRA on a 4-bit bitsandbytes base).
+PEFT_METHODS = ("none", "lora", "qlora")
+LORA_BIAS = ("none", "all", "lora_only")  # peft's LoraConfig.bias
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' bnb_4bit_quant_type
+BNB_4BIT_DTYPES = ("float32", "bfloat16", "float16")  # bnb_4bit_compute_dtype
+BNB_4BIT_STORAGE = ("uint8", *BNB_4BIT_DTYPES)  # bnb_4bit_quant_storage: packed 4-bit weights held as this dtype

@@ -18,6 +18,7 @@ from launcher.registry import (
     HF_DTYPES, HF_TARGET, INTERVALS, LOWER_IS_BETTER, NONFINITE, OPTIMIZERS, SAVE_STRATEGIES, SCHEDULERS, STRATEGIES, TEXT_DATASETS, TOKEN_BYTES,
     TOKENS_SEEN, ZERO_STAGES,
 )
+from launcher.registry import BNB_4BIT_DTYPES, BNB_4BIT_QUANT_TYPES, BNB_4BIT_STORAGE, LORA_BIAS, PEFT_METHODS
 from launcher.options import OptionError, TrackerError, parse_optim_args, resolve_report_to, schedule_kwargs, step_form_error
 from launcher.rules import DOTTED_PATH, check_extra_option, check_signal_delay, check_values, check_variable_names, require, setup_words
 
@@ -209,6 +210,62 @@ class ModelConfig:
         require(bool(self.attn_implementation), "model.attn_implementation", "is empty; set e.g. model.attn_implementation=sdpa")
         require(not self.init_from, "model.init_from", "is for ringleader's own models; a transformers model starts from model.name_or_path (e.g. <run>/final)")
         require(not self.kwargs, "model.kwargs", f"are not passed to {HF_TARGET}; use its fields (name_or_path, config, dtype, attn_implementation, ...)")
+
+
+@dataclass(kw_only=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning of a transformers model with pretrained weights
+    (trainer/lora.py): `lora` trains low-rank adapters through peft, the base frozen; `qlora` does
+    the same on a base loaded in 4 bits by bitsandbytes (CUDA only). Field names are peft's
+    LoraConfig and transformers' BitsAndBytesConfig."""
+
+    name: str = "none"
+    method: str = "none"  # none | lora | qlora
+    r: int = 8  # the adapters' rank
+    lora_alpha: int = 8  # the adapters' output is scaled by lora_alpha / r
+    lora_dropout: float = 0.0
+    target_modules: Any = "all-linear"  # "all-linear" (every Linear but the output head), a module name regex, or a list of names
+    modules_to_save: list[str] = field(default_factory=list)  # whole modules trained and saved with the adapter (e.g. [lm_head])
+    bias: str = "none"  # none | all | lora_only: which biases train
+    # QLoRA's base (bitsandbytes): 4-bit weights, dequantised to the compute dtype for each matmul.
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
+    bnb_4bit_use_double_quant: bool = True  # quantise the quantisation constants too (~0.4 bit/parameter less)
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    # The dtype the packed 4-bit weights are stored as: FSDP and ZeRO-3 shard only floating tensors
+    # of the model's dtype, so there it must be model.dtype (uint8 is bitsandbytes' default).
+    bnb_4bit_quant_storage: str = "uint8"
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def check(self) -> None:
+        require(self.method in PEFT_METHODS, "peft.method", f"'{self.method}' is not one of {', '.join(PEFT_METHODS)}; pick peft=lora or peft=qlora")
+        defaults = PeftConfig()
+        if not self.enabled:  # a LoRA knob without LoRA would do nothing: refused
+            for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", *QLORA_KEYS):
+                require(getattr(self, key) == getattr(defaults, key), f"peft.{key}", "is a LoRA setting, but peft.method=none; add peft=lora (or qlora), or drop it")
+            return
+        require(self.r >= 1, "peft.r", f"must be >= 1, got {self.r}")
+        require(self.lora_alpha > 0, "peft.lora_alpha", f"must be > 0, got {self.lora_alpha:g}")
+        require(0 <= self.lora_dropout < 1, "peft.lora_dropout", f"must be in [0, 1), got {self.lora_dropout:g}")
+        require(self.bias in LORA_BIAS, "peft.bias", f"'{self.bias}' is not one of {', '.join(LORA_BIAS)}")
+        targets = self.target_modules
+        good = (isinstance(targets, str) and bool(targets.strip())) or (isinstance(targets, list) and bool(targets) and all(isinstance(t, str) and t.strip() for t in targets))
+        require(good, "peft.target_modules", "must be all-linear, a regex of module names, or a non-empty list of names; e.g. peft.target_modules='[q_proj,v_proj]'")
+        require(all(isinstance(m, str) and m.strip() for m in self.modules_to_save), "peft.modules_to_save", "must be a list of module names, e.g. peft.modules_to_save='[lm_head]'")
+        if self.method == "lora":
+            for key in QLORA_KEYS:
+                require(getattr(self, key) == getattr(defaults, key), f"peft.{key}", "is a QLoRA (4-bit base) setting; use peft=qlora, or drop it")
+            return
+        require(self.load_in_4bit, "peft.load_in_4bit", "must be true with peft.method=qlora (the 4-bit base is what QLoRA is); use peft=lora for a full-precision base")
+        require(self.bnb_4bit_quant_type in BNB_4BIT_QUANT_TYPES, "peft.bnb_4bit_quant_type", f"'{self.bnb_4bit_quant_type}' is not one of {', '.join(BNB_4BIT_QUANT_TYPES)}")
+        require(self.bnb_4bit_compute_dtype in BNB_4BIT_DTYPES, "peft.bnb_4bit_compute_dtype", f"'{self.bnb_4bit_compute_dtype}' is not one of {', '.join(BNB_4BIT_DTYPES)}")
+        require(self.bnb_4bit_quant_storage in BNB_4BIT_STORAGE, "peft.bnb_4bit_quant_storage", f"'{self.bnb_4bit_quant_storage}' is not one of {', '.join(BNB_4BIT_STORAGE)}")
+
+
+QLORA_KEYS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
 
 
 @dataclass(kw_only=True)
@@ -522,13 +579,14 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    """The whole run. Groups: hw, strategy, optimizer, scheduler, model, data, cluster."""
+    """The whole run. Groups: hw, strategy, optimizer, scheduler, model, peft, data, cluster."""
 
     hw: HwConfig = field(default_factory=HwConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -538,7 +596,7 @@ class RunConfig:
         """Every rule that needs only the config: each group's own, then those across groups.
         Rules that need the host, files or data: launcher/validate.py check_environment."""
         check_values(self)
-        for group in (self.train, self.hw, self.optimizer, self.scheduler, self.strategy, self.model, self.data, self.cluster):
+        for group in (self.train, self.hw, self.optimizer, self.scheduler, self.strategy, self.model, self.peft, self.data, self.cluster):
             group.check()
         m, d, t = self.model, self.data, self.train
         if m._target_ == GPT_TARGET:
@@ -550,11 +608,38 @@ class RunConfig:
         require(not m.is_transformers or d.is_text or bool(d._target_), "model", f"a transformers model trains on tokenized records; set data=jsonl, hf or stdlib_instruct (data={d.name} is byte-level)")
         if d._target_:
             require(d.num_samples > 0 or t.max_steps > 0, "data.num_samples", "a custom dataset needs data.num_samples (training samples) or train.max_steps to plan the run")
+        self.check_peft()
         self.scheduler.check_kwargs(learning_rate=self.optimizer.learning_rate)  # min_lr, lr_end against the rate
         s = self.strategy
         # Offload runs the update in DeepSpeed's CPU Adam: an optimizer ringleader builds itself cannot go there.
         if s.is_deepspeed and self.optimizer.name in (*BITSANDBYTES, "adamw_torch_fused", "adafactor") and (s.offload_optimizer or s.offload_param):
             raise ConfigError("optimizer", f"{self.optimizer.name} cannot be combined with ZeRO offload (DeepSpeed's CPU Adam runs the update); use optimizer=adamw")
+
+
+    def check_peft(self) -> None:
+        """LoRA needs a transformers model with pretrained weights (the adapter is useless without a
+        base that loads again); QLoRA only where bitsandbytes' 4-bit weights can go (peft's and
+        accelerate's FSDP/DeepSpeed guides). CUDA and bitsandbytes themselves: launcher/validate.py."""
+        p, m, s = self.peft, self.model, self.strategy
+        if not p.enabled:
+            return
+        require(m.is_transformers, "peft.method", f"{p.method} adapts a transformers model, but model={m.name} is ringleader's own; set model=hf model.name_or_path=DIR (pretrained weights)")
+        require(bool(m.name_or_path), "model.name_or_path", f"peft={p.method} trains an adapter for pretrained weights that must load again; set model.name_or_path=DIR (a from_pretrained folder or hub id) instead of model.config")
+        if p.method != "qlora":
+            return
+        require(s.name != "zero3_offload", "strategy", "zero3_offload moves parameters to the CPU, where bitsandbytes' 4-bit weights cannot compute; use strategy=zero3 or fsdp with peft=qlora")
+        if s.name in ("fsdp", "zero3"):  # they shard floating tensors of one dtype: the packed 4-bit weights must be stored as the model's
+            require(
+                p.bnb_4bit_quant_storage == m.dtype,
+                "peft.bnb_4bit_quant_storage",
+                f"is {p.bnb_4bit_quant_storage}, but strategy={s.name} shards the 4-bit weights only when they are stored as the model's dtype ({m.dtype}); set peft.bnb_4bit_quant_storage={m.dtype} (with model.dtype=bfloat16 for bf16)",
+            )
+        if s.name == "zero3":
+            require(
+                p.bnb_4bit_compute_dtype == m.dtype,
+                "peft.bnb_4bit_compute_dtype",
+                f"is {p.bnb_4bit_compute_dtype}, but ZeRO-3 gathers the 4-bit weights as model.dtype={m.dtype}; set model.dtype and peft.bnb_4bit_quant_storage to {p.bnb_4bit_compute_dtype}",
+            )
 
 
 GROUPS: dict[str, type] = {
@@ -563,6 +648,7 @@ GROUPS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "scheduler": SchedulerConfig,
     "model": ModelConfig,
+    "peft": PeftConfig,
     "data": DataConfig,
     "cluster": ClusterConfig,
 }

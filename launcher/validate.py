@@ -166,6 +166,10 @@ def check_hardware(cfg: RunConfig) -> None:
     require(t.ddp_backend != "nccl" or hw.accelerator == "cuda", "train.ddp_backend", "nccl needs CUDA GPUs; use gloo on CPU (or leave it empty)")
     bitsandbytes = cfg.optimizer.name in BITSANDBYTES
     require(not bitsandbytes or hw.accelerator == "cuda", "optimizer", f"{cfg.optimizer.name} (bitsandbytes) needs CUDA GPUs; use optimizer=adamw on CPU")
+    if cfg.peft.method == "qlora":  # bitsandbytes' 4-bit weights compute on CUDA GPUs only
+        require(hw.accelerator == "cuda", "peft.method", f"qlora loads the base in 4 bits with bitsandbytes, which needs CUDA GPUs (hw profile {hw.name} is {hw.accelerator}); use peft=lora on CPU")
+        require(importlib.util.find_spec("bitsandbytes") is not None, "peft.method", "qlora needs bitsandbytes; pip install bitsandbytes, or use peft=lora")
+        require(cfg.peft.bnb_4bit_compute_dtype != "bfloat16" or hw.bf16, "peft.bnb_4bit_compute_dtype", f"the hw profile {hw.name} has no bf16; set peft.bnb_4bit_compute_dtype=float16")
     if hw.accelerator == "cuda":
         require(hw.gpus_per_node >= 1, "hw.gpus_per_node", f"a cuda profile needs GPUs, got {hw.gpus_per_node}")
         require(

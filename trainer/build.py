@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from launcher.registry import GPT_TARGET, HF_TARGET
-from launcher.schema import ModelConfig
+from launcher.schema import ModelConfig, PeftConfig
 from launcher.targets import load_target
 
 GPT_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
@@ -35,6 +35,28 @@ def zero3_pretrained(spec, ds_config: dict) -> nn.Module:
     return model
 
 
+def build_adapted(cfg: ModelConfig, *, strategy: str, seed: int, deepspeed: dict | None, peft: PeftConfig, gradient_checkpointing: bool) -> nn.Module:
+    """A transformers model with LoRA/QLoRA adapters (trainer/lora.py). The base loads as for full
+    training: in full (ddp, zero1/2), on the meta device to be filled after sharding (fsdp), or
+    partitioned inside zero.Init (zero3); QLoRA's 4-bit base is made by bitsandbytes as it loads,
+    so never on the meta device. peft then injects the adapters, before any strategy wraps it."""
+    from trainer.hf_model import build_causal_lm, load_plan
+    from trainer.lora import apply_lora, bnb_config
+
+    spec = hf_spec(cfg)
+    qlora = peft.method == "qlora"
+    if qlora:
+        spec.quantization = bnb_config(peft)
+    plan = load_plan(strategy, pretrained=not (qlora and strategy == "fsdp"))  # model.name_or_path is required (the launcher checks)
+    if plan.init == "zero3" and deepspeed:
+        model = zero3_pretrained(spec, deepspeed)
+    else:
+        model = build_causal_lm(spec, init="meta" if plan.init == "meta" else "full", seed=seed)
+        if plan.rank0_broadcast:
+            model.ringleader_weights = cfg.name_or_path  # read by FSDPStrategy.wrap after sharding
+    return apply_lora(model, peft, seed=seed, base=cfg.name_or_path, gradient_checkpointing=gradient_checkpointing)
+
+
 def model_factory(cfg: ModelConfig) -> Callable[..., nn.Module]:
     return load_target(cfg._target_, "model._target_")
 
@@ -54,13 +76,17 @@ def hf_spec(cfg: ModelConfig):
     )
 
 
-def build_model(cfg: ModelConfig, *, device: str | None = None, strategy: str = "ddp", seed: int = 0, deepspeed: dict | None = None) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, *, device: str | None = None, strategy: str = "ddp", seed: int = 0, deepspeed: dict | None = None, peft: PeftConfig | None = None, gradient_checkpointing: bool = False,
+) -> nn.Module:
     """The model on this rank. A transformers model with pretrained weights under fsdp is built on
     the meta device; the strategy fills it after sharding (trainer/strategies/fsdp.py, from rank 0's
     safetensors). Under zero3 (`deepspeed`: the plan's DeepSpeed config) pretrained weights load
     inside deepspeed.zero.Init (transformers does it while an HfDeepSpeedConfig is alive), so each
     parameter is partitioned as it is created. Random weights are made in full on every rank (the
     same seed gives the same model on every strategy)."""
+    if peft is not None and peft.enabled:  # LoRA/QLoRA (the launcher allows them on transformers models only)
+        return build_adapted(cfg, strategy=strategy, seed=seed, deepspeed=deepspeed, peft=peft, gradient_checkpointing=gradient_checkpointing)
     if cfg._target_ == HF_TARGET:
         from trainer.hf_model import build_causal_lm, load_plan
 

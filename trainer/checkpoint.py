@@ -135,6 +135,7 @@ class CheckpointManager:
         self.group = process_group
         self.pending: threading.Thread | None = None
         self.pending_error: BaseException | None = None
+        self._base: dict[str, Any] | None = None  # a LoRA run's base weights: base_identity, taken once
 
     # -- finding ---------------------------------------------------------------------------------
 
@@ -246,6 +247,8 @@ class CheckpointManager:
         own = {f"rng-{self.rank}.safetensors": write_file(tmp / f"rng-{self.rank}.safetensors", safetensors_bytes({k: v.contiguous() for k, v in rng.items()}))}
         if self.rank == 0:
             state = {"loop": loop_state, "config_hash": self.config_hash, "world_size": self.world_size, "strategy": type(strategy).__name__ if strategy else None}
+            if (base := self.peft_base()) is not None:  # the adapter's checkpoint holds no base weights: say which it needs
+                state["peft_base"] = base
             own["trainer_state.json"] = write_file(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())
             config = self.root.parent / "config.yaml"
             if config.is_file():  # what `export` builds the model from, even after the run's config changed
@@ -384,6 +387,7 @@ class CheckpointManager:
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
         self.check_config(path, state)
+        self.check_base(path, state)
         from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
         try:
@@ -396,6 +400,35 @@ class CheckpointManager:
         elif state.get("world_size") != self.world_size:
             log.info("checkpoint %s was written by %s rank(s), now %d: the data position maps by samples consumed; random streams start afresh", path, state.get("world_size"), self.world_size)
         return state
+
+    def peft_base(self) -> dict[str, Any] | None:
+        """For a LoRA run (peft.method lora or qlora), the identity of its base weights
+        (trainer/lora.py base_identity: the folder, config.json's hash, the weight files' sizes and
+        times); None for full training."""
+        config = self.config or {}
+        peft, model = config.get("peft") or {}, config.get("model") or {}
+        if peft.get("method", "none") == "none":
+            return None
+        if self._base is None:
+            from trainer.lora import base_identity
+
+            self._base = base_identity(str(model.get("name_or_path", "")), str(model.get("revision", "") or ""))
+        return self._base
+
+    def check_base(self, path: Path, state: dict[str, Any]) -> None:
+        """A LoRA checkpoint resumes on the base weights it was trained on: they are not in it, they
+        load from model.name_or_path. A base that changed since is refused (not a CheckpointError:
+        resume=auto must not fall back past it, every checkpoint of the run needs that base)."""
+        saved, now = state.get("peft_base"), self.peft_base()
+        if saved is None or now is None:
+            return
+        from trainer.lora import base_difference
+
+        if why := base_difference(saved, now):
+            raise ConfigChangedError(
+                f"{path} holds a LoRA adapter of the base {saved.get('folder') or saved.get('name_or_path')}, not its weights, and that base changed since ({why}); "
+                "resume with the base it was trained on, or start over with train.resume=none"
+            )
 
     def check_config(self, path: Path, state: dict[str, Any]) -> None:
         """The ranks' safety net behind the launcher's check (launcher/rundir.py): a checkpoint

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class HFModelSpec:
     trust_remote_code: bool = False
     tokenizer: str = ""  # "" = the model's folder or id (the config's folder for random weights)
     device_map: Any = None  # refused: ringleader places the model
+    quantization: Any = None  # QLoRA: a transformers BitsAndBytesConfig (trainer/lora.py bnb_config)
 
     def check(self) -> None:
         if self.device_map not in (None, "", {}):
@@ -94,8 +96,16 @@ def build_causal_lm(spec: HFModelSpec, *, init: str = "full", seed: int = 0):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     elif init == "full":
         if spec.name_or_path:
+            # QLoRA: bitsandbytes quantises each weight as it lands on this rank's GPU (under ZeRO-3,
+            # which takes no device_map, as zero.Init places it).
+            quantized: dict[str, Any] = {}
+            if spec.quantization is not None:
+                from transformers.integrations import is_deepspeed_zero3_enabled
+
+                quantized = {"quantization_config": spec.quantization, **({} if is_deepspeed_zero3_enabled() else {"device_map": {"": torch.cuda.current_device()}})}
             model = AutoModelForCausalLM.from_pretrained(
-                spec.name_or_path, config=cfg, revision=spec.revision or None, dtype=dtype, trust_remote_code=spec.trust_remote_code, attn_implementation=spec.attn_implementation or None
+                spec.name_or_path, config=cfg, revision=spec.revision or None, dtype=dtype, trust_remote_code=spec.trust_remote_code, attn_implementation=spec.attn_implementation or None,
+                **quantized,
             )
         else:
             torch.manual_seed(seed)
@@ -132,6 +142,9 @@ def packing_refusal(model: nn.Module) -> str | None:
     modelling code must build the mask with masking_utils.create_causal_mask (which detects them)."""
     import sys
 
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):  # a LoRA PeftModel: the model it adapts
+        model = get_base_model()
     impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if impl not in PACKING_ATTN:
         return f"attn_implementation {impl!r} cannot isolate packed samples (allowed: {', '.join(PACKING_ATTN)})"
@@ -175,7 +188,7 @@ def weight_files(name_or_path: str) -> list[Path]:
     raise ValueError(f"model.name_or_path: {folder} has no model.safetensors; ringleader loads safetensors only (convert .bin weights first)")
 
 
-def load_full_state_dict(model: nn.Module, name_or_path: str | None) -> None:
+def load_full_state_dict(model: nn.Module, name_or_path: str | None, *, rename: Callable[[str], str | None] | None = None, initial: Mapping[str, torch.Tensor] | None = None) -> None:
     """Fill a materialised (possibly FSDP2-sharded) model from rank 0's safetensors files, one
     tensor at a time: rank 0 reads it from the memory-mapped file, every rank receives it and keeps
     its shard (distribute_tensor scatters from rank 0). Peak extra memory per rank: the largest
@@ -189,6 +202,10 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank0 = world == 1 or dist.get_rank() == 0
     targets = model.state_dict()
+    # `rename` maps a key of the model to the file's, None for a tensor the file does not hold,
+    # which `initial` (rank 0's) gives instead: a LoRA model's adapters (trainer/lora.py).
+    source = {k: rename(k) for k in targets} if rename is not None else {k: k for k in targets}
+    initial = dict(initial or {})
     where: dict[str, Any] = {}
     problem = ""
     if rank0:
@@ -197,7 +214,7 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None) -> None:
             handle = safe_open(str(f), framework="pt")
             where.update({k: handle for k in handle.keys()})
         tied = getattr(model.config, "tie_word_embeddings", False)
-        missing = [k for k in targets if k not in where and not (tied and k.endswith("lm_head.weight"))]
+        missing = [k for k, src in source.items() if src is not None and src not in where and not (tied and src.endswith("lm_head.weight"))]
         if missing:
             problem = f"model.name_or_path: {name_or_path} lacks {len(missing)} weights of {type(model).__name__} (e.g. {missing[0]}); is it the same architecture as its config.json?"
     if world > 1:
@@ -206,12 +223,16 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None) -> None:
         problem = box[0]
     if problem:
         raise ValueError(problem)
-    embed = next((k for k in targets if k.endswith("embed_tokens.weight")), "")
+    embed = next((src for src in source.values() if src is not None and src.endswith("embed_tokens.weight")), "")
     with torch.no_grad():
         for name, target in targets.items():
             local = target.to_local() if isinstance(target, DTensor) else target
-            if rank0:
-                full = where[name if name in where else embed].get_tensor(name if name in where else embed).to(dtype=local.dtype, device=local.device)
+            src = source[name]
+            if rank0 and src is None:
+                full = initial[name].to(dtype=local.dtype, device=local.device)
+            elif rank0:
+                src = src if src in where else embed
+                full = where[src].get_tensor(src).to(dtype=local.dtype, device=local.device)
             else:
                 full = torch.empty(target.shape, dtype=local.dtype, device=local.device)
             if isinstance(target, DTensor):

@@ -44,7 +44,7 @@ def main(run_dir: Path) -> int:
     try:
         apply_numerics(t)  # train.tf32, train.full_determinism
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model, strategy=cfg.strategy.name, seed=t.seed, deepspeed=plan.deepspeed)
+        model = build_model(cfg.model, strategy=cfg.strategy.name, seed=t.seed, deepspeed=plan.deepspeed, peft=cfg.peft, gradient_checkpointing=t.gradient_checkpointing)
         with_logits = gives_logits(model)
         if (setting := needs_logits(t)) and not with_logits:
             raise ValueError(f"{setting} needs the model's logits, but {cfg.model._target_} returns only its own mean loss; give its forward labels=None and return logits without labels (trainer/model_io.py), or drop it")
@@ -99,6 +99,11 @@ def main(run_dir: Path) -> int:
         # Ends this rank if it stalls after SIGTERM; evaluation batches and saves count as progress.
         Watchdog(rt.stop, state, rank=rt.rank, log_file=run_dir / "logs" / f"rank-{rt.rank}.log", activity=trainer.activity).start()
         result = trainer.fit()
+        if cfg.peft.enabled and result["status"] != "stopped":  # LoRA: the base the adapter belongs to did not move
+            from trainer.lora import check_frozen_unchanged
+
+            checked, skipped = check_frozen_unchanged(strategy.model)
+            log.info("peft: frozen base weights unchanged: %d tensors held on this rank equal %s's bit for bit (%d 4-bit ones not compared)", checked, cfg.model.name_or_path, skipped)
         if t.load_best_model_at_end and state.best_model_step is not None and result["status"] != "stopped":
             best = run_dir / "checkpoints" / f"step-{state.best_model_step}"
             checkpoints.load(best, strategy)

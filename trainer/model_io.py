@@ -94,6 +94,9 @@ def is_transformers_model(model: nn.Module) -> bool:
     inner = model
     while hasattr(inner, "module") and isinstance(inner.module, nn.Module):
         inner = inner.module
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(inner, peft.PeftModel):  # LoRA (trainer/lora.py): called as the model it adapts
+        inner = inner.get_base_model()
     return isinstance(inner, transformers.PreTrainedModel)
 
 

@@ -107,10 +107,11 @@ class DeepSpeedStrategy(Strategy):
     def save_state(self, path: Path, *, process_group=None) -> None:
         """DeepSpeed's own sharded format under path/deepspeed/ (every rank its optimizer
         partition). Collective over the default group; the manager's marker decides completeness."""
-        self.engine.save_checkpoint(str(path), tag=TAG, client_state={}, save_latest=False)
+        # A LoRA run saves the trainable parameters only: the frozen base comes from model.name_or_path.
+        self.engine.save_checkpoint(str(path), tag=TAG, client_state={}, save_latest=False, exclude_frozen_parameters=self.cfg.peft.enabled)
 
     def load_state(self, path: Path) -> None:
-        loaded, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=not self.cfg.peft.enabled)
         if loaded is None:
             raise FileNotFoundError(f"{path / TAG}: no DeepSpeed checkpoint there")
 

@@ -46,9 +46,16 @@ class FSDPStrategy(NativeStrategy):
         weights = getattr(model, "ringleader_weights", None)
         if weights is not None:  # built on the meta device (trainer/build.py): allocate the shards, stream rank 0's weights in
             from trainer.hf_model import load_full_state_dict, materialize
+            from trainer.lora import base_key, check_initialised, initial_values, lora_info
 
             materialize(model, self.device)
-            load_full_state_dict(model, weights if not dist.is_initialized() or dist.get_rank() == 0 else None)
+            rank0 = not dist.is_initialized() or dist.get_rank() == 0
+            lora = lora_info(model)  # LoRA: the base under peft's names, the adapters from their seeded initial values
+            if lora is None:
+                load_full_state_dict(model, weights if rank0 else None)
+            else:
+                load_full_state_dict(model, weights if rank0 else None, rename=base_key, initial=initial_values(model, lora.seed) if rank0 else None)
+                check_initialised(model)
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -148,10 +148,19 @@ class NativeStrategy(Strategy):
     # torch.distributed.checkpoint is imported where a checkpoint is saved or loaded, not at start-up
     # (trainer/safe_dcp.py says why).
 
+    def state_options(self) -> Any:
+        """A LoRA run's checkpoint holds the trainable parameters (the adapter) and their optimizer
+        state, not the frozen base: that comes from model.name_or_path again on resume
+        (trainer/checkpoint.py records which base it was and refuses another)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        lora = self.cfg.peft.enabled
+        return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
     def tensor_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options())
         return {"model": model_sd, "optimizer": optim_sd}
 
     def extra_state(self, skeleton: Any) -> dict[str, Any]:
@@ -235,7 +244,7 @@ class NativeStrategy(Strategy):
         for group in optim.get("param_groups", []):
             if "betas" in group:
                 group["betas"] = tuple(group["betas"])
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optim)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optim, options=self.state_options())
         self.scheduler.load_state_dict(extra["scheduler"])
         if extra["scaler"]:
             self.scaler.load_state_dict(extra["scaler"])
