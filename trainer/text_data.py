@@ -126,6 +126,35 @@ def aligned_labels(input_ids: Sequence[int], target: Sequence[int] | Sequence[bo
 LEAN = {"return_attention_mask": False, "return_token_type_ids": False}
 
 
+def ids_of(tokenizer, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+    """The token ids of a batch of texts, as `tokenizer(texts, add_special_tokens=...)["input_ids"]`.
+    A fast tokenizer whose call goes straight to its Rust backend (transformers' TokenizersBackend,
+    not overridden) is asked through `encode_batch_fast`: the same Rust encoding without character
+    offsets and without BatchEncoding's per-sample Python conversion, which made ringleader's
+    tokenization cost more CPU than a plain `datasets.map` over the same texts. The tokenizer's own
+    call runs first on the batch's first text (it also resets the backend's truncation and padding
+    state) and must give the same ids; any other tokenizer takes its own call for every text."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None or not _plain_backend_call(tokenizer):
+        return tokenizer(texts, add_special_tokens=add_special_tokens, **LEAN)["input_ids"]
+    probe = tokenizer(texts[:1], add_special_tokens=add_special_tokens, **LEAN)["input_ids"]
+    out = [e.ids for e in fast(texts, add_special_tokens=add_special_tokens)]
+    if out[0] != probe[0]:
+        return tokenizer(texts, add_special_tokens=add_special_tokens, **LEAN)["input_ids"]
+    return out
+
+
+def _plain_backend_call(tokenizer) -> bool:
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: the tokenizer's own call
+        return False
+    return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+
+
 def prompt_text(record: dict[str, Any], spec: TextDataSpec) -> str:
     return _prompt(record[spec.prompt_field], record.get(spec.input_field) if spec.input_field else "", spec)
 
@@ -161,7 +190,7 @@ def encode_batch(batch: dict[str, list], *, tokenizer, spec: TextDataSpec, chat_
     out_ids: list[list[int]] = []
     out_labels: list[list[int]] = []
     if spec.format == "text":
-        enc = tokenizer([str(t or "") for t in batch[spec.text_field]], add_special_tokens=True, **LEAN)["input_ids"]
+        enc = ids_of(tokenizer, [str(t or "") for t in batch[spec.text_field]], add_special_tokens=True)
         for ids in enc:
             ids, labels = _finish_from(ids + eos, 0, spec)
             out_ids.append(ids)
@@ -170,8 +199,8 @@ def encode_batch(batch: dict[str, list], *, tokenizer, spec: TextDataSpec, chat_
         n = len(batch[spec.prompt_field])
         inputs = batch[spec.input_field] if spec.input_field else [""] * n
         texts = [_prompt(p, x, spec) for p, x in zip(batch[spec.prompt_field], inputs)]
-        prompts = tokenizer(texts, add_special_tokens=True, **LEAN)["input_ids"]
-        completions = tokenizer([str(c or "") for c in batch[spec.completion_field]], add_special_tokens=False, **LEAN)["input_ids"]
+        prompts = ids_of(tokenizer, texts, add_special_tokens=True)
+        completions = ids_of(tokenizer, [str(c or "") for c in batch[spec.completion_field]], add_special_tokens=False)
         for p, c in zip(prompts, completions):
             # Prompt and completion are encoded apart and joined: the model trains on exactly the
             # tokens it sees at inference, where the prompt is encoded alone.

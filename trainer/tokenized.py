@@ -15,7 +15,7 @@ renamed, so a crash leaves no half entry and two writers agree on one result):
   {split}.tokens.npy   all samples' input_ids end to end (uint16 when the vocabulary fits, else int32)
   {split}.labels.npy   the aligned labels, int32 (-100 = no loss)
   {split}.offsets.npy  int64, n + 1 entries: sample i is [offsets[i], offsets[i + 1])
-  meta.json            the key's inputs, sample and token counts
+  meta.json            the key's inputs, sample, token and labelled-token counts
 
     python -m trainer.tokenized --cache-dir DIR --tokenizer PATH --spec '{"paths": [...], ...}'
 prints the folder and counts as JSON: the launcher's pre-step, after validation and before
@@ -99,7 +99,7 @@ def _flat(ds, column: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _write(folder: Path, tokenized: dict[str, Any], vocab_size: int, meta: dict[str, Any], *, max_length: int) -> dict[str, dict[str, int]]:
     token_dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-    counts: dict[str, dict[str, int]] = {"samples": {}, "tokens": {}, "packed_samples": {}}
+    counts: dict[str, dict[str, int]] = {"samples": {}, "tokens": {}, "labelled": {}, "packed_samples": {}}
     for split, ds in tokenized.items():
         tokens, offsets = _flat(ds, "input_ids")
         labels, label_offsets = _flat(ds, "labels")
@@ -110,6 +110,9 @@ def _write(folder: Path, tokenized: dict[str, Any], vocab_size: int, meta: dict[
         np.save(folder / f"{split}.offsets.npy", offsets)
         counts["samples"][split] = len(offsets) - 1
         counts["tokens"][split] = int(offsets[-1])
+        # Tokens that carry a loss: the plan's real tokens a step (its tokens_per_step, batch x
+        # seq_len, is an upper bound for padded data).
+        counts["labelled"][split] = int(np.count_nonzero(labels != -100))
         # Rows once packed to max_length (collate.pack_bins, deterministic): the plan's sample
         # count when data.packing is on.
         counts["packed_samples"][split] = len(pack_bins(np.diff(offsets).tolist(), max_length))
