@@ -8,7 +8,7 @@ from pathlib import Path
 
 USAGE = """usage: python -m launcher [KEY=VALUE ...] [+hw=PROFILE] [--config-dir DIR] [-m]
        python -m launcher {status|logs|cancel} RUN_DIR
-       python -m launcher export CHECKPOINT_DIR [OUT_DIR]
+       python -m launcher export CHECKPOINT_DIR [OUT_DIR] [--merge]
        python -m launcher summary SWEEP_DIR
 
 Overrides are Hydra's: group=option (strategy=zero3), key=value (train.max_steps=100),

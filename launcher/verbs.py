@@ -174,11 +174,15 @@ def summary(args: list[str]) -> int:
 
 def export(args: list[str]) -> int:
     """Consolidated weights from any checkpoint: OUT_DIR/model.safetensors and OUT_DIR/config.yaml,
-    loadable by plain PyTorch (OUT_DIR defaults to <run>/exports/step-N). Nothing the checkpoint
-    names is imported, and nothing in OUT_DIR that ringleader did not write is deleted (see
+    loadable by plain PyTorch (OUT_DIR defaults to <run>/exports/step-N). A LoRA run's checkpoint
+    gives its adapter in peft's format; with --merge, the base model with the adapter merged in, a
+    plain transformers folder (<run>/exports/step-N-merged). Nothing the checkpoint names is
+    imported, and nothing in OUT_DIR that ringleader did not write is deleted (see
     trainer/export.py). The arguments are checked before torch is imported; this verb reads
     tensors, it is not on the launch path."""
-    usage = "python -m launcher export RUN_DIR/checkpoints/step-N [OUT_DIR]"
+    usage = "python -m launcher export RUN_DIR/checkpoints/step-N [OUT_DIR] [--merge]"
+    merge = "--merge" in args
+    args = [a for a in args if a != "--merge"]
     if not args or len(args) > 2 or any(a.startswith("-") for a in args):
         return error(f"export needs a checkpoint folder: {usage}")
     checkpoint = Path(args[0]).expanduser().absolute()
@@ -192,10 +196,11 @@ def export(args: list[str]) -> int:
     from trainer.export import export_checkpoint
 
     try:
-        out = export_checkpoint(checkpoint, Path(args[1]) if len(args) > 1 else None)
+        out = export_checkpoint(checkpoint, Path(args[1]) if len(args) > 1 else None, merge=merge)
     except CheckpointError as exc:
         return error(" ".join(str(exc).split()))  # one line, whatever a crafted file put in it
-    print(f"ringleader: exported {checkpoint.resolve()} to {out} (model.safetensors, config.yaml)")
+    what = "adapter_model.safetensors, adapter_config.json" if (out / "adapter_config.json").is_file() else "model.safetensors, config.yaml"
+    print(f"ringleader: exported {checkpoint.resolve()} to {out} ({what}{', merged' if merge else ''})")
     return 0
 
 

@@ -62,12 +62,17 @@ TMP_SUFFIX = ".ringleader-tmp"  # a file or folder being written; ringleader's o
 # -- writing ---------------------------------------------------------------------------------------
 
 
+def final_config(cfg: RunConfig) -> str:
+    """final/config.yaml: the model section to rebuild it with, and the run's config."""
+    model = {"_target_": cfg.model._target_, "name": cfg.model.name, "kwargs": model_kwargs(cfg.model)}
+    return OmegaConf.to_yaml({"model": model, "run": OmegaConf.structured(cfg)})
+
+
 def save_consolidated(folder: Path, state: dict[str, torch.Tensor], cfg: RunConfig) -> None:
     """final/ at the end of a run: weights and the run's config. final/ is ringleader's own, but a
     user may have put files there: only model.safetensors, config.yaml and the marker are replaced
     (and, for a transformers model, the from_pretrained files: hf_files)."""
-    model = {"_target_": cfg.model._target_, "name": cfg.model.name, "kwargs": model_kwargs(cfg.model)}
-    config = OmegaConf.to_yaml({"model": model, "run": OmegaConf.structured(cfg)})
+    config = final_config(cfg)
     if cfg.model.is_transformers:
         state, extra = hf_files(cfg.model, state)
         write_export(folder, state, config, extra=extra)
@@ -84,7 +89,7 @@ def hf_files(model: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict[s
     own names (a tied lm_head once, as the embedding), config.json and generation_config.json of
     the run's source (name_or_path or config; the dtype set to the saved weights'), the tokenizer's
     files. Files are copied as data: no code of the source or the checkpoint is imported or run."""
-    from launcher.hf_config import TOKENIZER_FILES, source_folder
+    from launcher.hf_config import source_folder
 
     source = source_folder(model.name_or_path or model.config, revision=model.revision)
     config_path = None if source is None else Path(model.config) if model.config.endswith(".json") else source / "config.json"
@@ -101,15 +106,34 @@ def hf_files(model: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict[s
     assert source is not None  # config_path was found in it
     generation = source / "generation_config.json"
     extra["generation_config.json"] = generation.read_bytes() if generation.is_file() else (json.dumps({k: config[k] for k in GENERATION_KEYS if config.get(k) is not None}, indent=2) + "\n").encode()
-    tokenizer = source_folder(model.tokenizer_source, revision=model.revision)
-    if tokenizer is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer / name).is_file():
-                extra[name] = (tokenizer / name).read_bytes()
+    extra.update(tokenizer_files(model))
     return state, extra
 
 
+def tokenizer_files(model: ModelConfig) -> dict[str, bytes]:
+    """The tokenizer's files of the run's source, by name, copied as data."""
+    from launcher.hf_config import TOKENIZER_FILES, source_folder
+
+    tokenizer = source_folder(model.tokenizer_source, revision=model.revision)
+    if tokenizer is None:
+        return {}
+    return {name: (tokenizer / name).read_bytes() for name in TOKENIZER_FILES if (tokenizer / name).is_file()}
+
+
 def write_final(folder: Path, strategy, cfg: RunConfig, *, is_main: bool) -> None:
+    """final/ of a run (collective). A LoRA run's is the adapter in peft's format, checked against
+    the trained model before it is written (trainer/adapter_io.py), with the tokenizer and
+    config.yaml; the base weights are not copied."""
+    from trainer.adapter_io import adapter_final_files, adapted_model
+
+    if adapted_model(strategy.model) is not None:
+        files = adapter_final_files(folder, strategy, base=cfg.model.name_or_path, revision=cfg.model.revision, is_main=is_main)
+        if is_main:
+            assert files is not None
+            write_export(folder, None, final_config(cfg), extra={**files, **tokenizer_files(cfg.model)})
+        if dist.is_initialized():
+            dist.barrier()
+        return
     state = strategy.full_state_dict()  # collective
     if is_main:
         save_consolidated(folder, state, cfg)
@@ -117,17 +141,19 @@ def write_final(folder: Path, strategy, cfg: RunConfig, *, is_main: bool) -> Non
         dist.barrier()
 
 
-def write_export(folder: Path, state: dict[str, torch.Tensor], config: str, *, extra: dict[str, bytes] | None = None) -> None:
-    """Write model.safetensors, config.yaml and the marker into folder, deleting nothing else.
+def write_export(folder: Path, state: dict[str, torch.Tensor] | None, config: str, *, extra: dict[str, bytes] | None = None) -> None:
+    """Write model.safetensors (unless `state` is None: a LoRA adapter's folder), config.yaml,
+    `extra` and the marker into folder, deleting nothing ringleader did not write.
 
     A new folder is written as a sibling temporary folder and renamed: it appears whole or not at
     all. In an existing one the marker comes first (so a crash leaves a folder export recognises as
     its own), then each file is written under a temporary name beside its target and renamed onto
-    it; what else the folder holds stays."""
+    it; what else the folder holds stays, except the files an earlier export listed that this one
+    does not write (an adapter's files beside merged weights would make loaders pick the adapter)."""
     # Tied weights share storage, which safetensors refuses: each key gets its own copy.
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    tensors = None if state is None else {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
     extra = extra or {}
-    names = [WEIGHTS, CONFIG, *extra]
+    names = [*([WEIGHTS] if tensors is not None else []), CONFIG, *extra]
     if not folder.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.with_name(f".{folder.name}{TMP_SUFFIX}-{os.getpid()}")
@@ -140,19 +166,26 @@ def write_export(folder: Path, state: dict[str, torch.Tensor], config: str, *, e
             shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, nothing else
             raise
         return
-    write_marker(folder, sorted(set(names) | set(marker_files(folder))))
+    earlier = marker_files(folder)
+    write_marker(folder, sorted(set(names) | set(earlier)))
     staged = write_files(folder, tensors, config, temporary=True, extra=extra)
     for tmp, name in staged:
         os.replace(tmp, folder / name)
+    stale = [name for name in earlier if name not in names and name != EXPORT_MARKER]
+    for name in stale:  # listed by ringleader's own marker: its files, no one else's
+        (folder / name).unlink(missing_ok=True)
+    if stale:
+        write_marker(folder, sorted(names))
 
 
-def write_files(folder: Path, tensors: dict[str, torch.Tensor], config: str, *, temporary: bool = False, extra: dict[str, bytes] | None = None) -> list[tuple[Path, str]]:
-    """The two files (and `extra`'s), each fsynced; with `temporary`, under names to rename later (returned)."""
+def write_files(folder: Path, tensors: dict[str, torch.Tensor] | None, config: str, *, temporary: bool = False, extra: dict[str, bytes] | None = None) -> list[tuple[Path, str]]:
+    """The weights (unless `tensors` is None), config.yaml and `extra`'s files, each fsynced; with
+    `temporary`, under names to rename later (returned)."""
     staged = []
     extra = extra or {}
-    for name in (WEIGHTS, CONFIG, *extra):
+    for name in ([WEIGHTS] if tensors is not None else []) + [CONFIG, *extra]:
         path = folder / (f".{name}{TMP_SUFFIX}" if temporary else name)
-        if name == WEIGHTS:
+        if name == WEIGHTS and tensors is not None:
             save_file(tensors, str(path), metadata={"format": "pt", "producer": "ringleader"})
         elif name in extra:
             path.write_bytes(extra[name])
@@ -198,16 +231,22 @@ def check_out_dir(out: Path, checkpoint: Path) -> None:
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def export_checkpoint(checkpoint: Path, out: Path | None = None) -> Path:
+def export_checkpoint(checkpoint: Path, out: Path | None = None, *, merge: bool = False) -> Path:
     """Write model.safetensors + config.yaml from a checkpoint folder into `out` (by default
-    <run>/exports/<checkpoint name>/). Raises CheckpointError naming a bad file or folder; then
-    nothing has been written."""
+    <run>/exports/<checkpoint name>/, with `-merged` for a merge). A LoRA run's checkpoint gives
+    its adapter in peft's format, or with `merge` the base with the adapter merged in as a plain
+    transformers folder. Raises CheckpointError naming a bad file or folder; then nothing has been
+    written."""
     from trainer.checkpoint import verify
 
     checkpoint = checkpoint.expanduser().resolve()
     verify(checkpoint)  # every file against the COMPLETE marker, before anything is read
     config = export_config(checkpoint)
-    out = (out or checkpoint.parent.parent / "exports" / checkpoint.name).expanduser().resolve()
+    run = yaml.safe_load(config)["run"]
+    lora = lora_section(run)
+    if merge and lora is None:
+        raise CheckpointError(f"export --merge: {checkpoint} is not a LoRA run's checkpoint (no peft adapter in its config), so there is nothing to merge; drop --merge")
+    out = (out or checkpoint.parent.parent / "exports" / (checkpoint.name + ("-merged" if merge else ""))).expanduser().resolve()
     check_out_dir(out, checkpoint)
     if (checkpoint / "dcp").is_dir():
         weights = read_dcp_model(checkpoint / "dcp")
@@ -215,13 +254,31 @@ def export_checkpoint(checkpoint: Path, out: Path | None = None) -> Path:
         weights = read_deepspeed_model(checkpoint)
     else:
         raise CheckpointError(f"{checkpoint}: neither dcp/ nor deepspeed/ inside; not a ringleader checkpoint")
-    model = ModelConfig(**yaml.safe_load(config)["run"]["model"])
+    model = ModelConfig(**run["model"])
+    if lora is not None:
+        from trainer.adapter_io import export_adapter, merged_weights
+
+        adapter = export_adapter(out, weights, model, lora, source=checkpoint)
+        if merge:
+            weights, extra = hf_files(model, merged_weights(model, adapter, scratch=out))
+            write_export(out, weights, config, extra=extra)
+        else:
+            write_export(out, None, config, extra={**adapter, **tokenizer_files(model)})
+        return out
     if model.is_transformers:  # a from_pretrained folder, its files from the run's source (as final/)
         weights, extra = hf_files(model, weights)
         write_export(out, weights, config, extra=extra)
         return out
     write_export(out, weights, config)
     return out
+
+
+def lora_section(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The peft group of a run's config (read as data) when the run trained a LoRA adapter."""
+    section = run.get("peft") if isinstance(run, dict) else None
+    if not isinstance(section, dict) or section.get("method", "none") in (None, "", "none"):
+        return None
+    return section
 
 
 def export_config(checkpoint: Path) -> str:
