@@ -129,9 +129,10 @@ class Strategy(ABC):
         raise NotImplementedError(f"{type(self).__name__} saves synchronously only")
 
     @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """Consolidated weights on the CPU, on rank 0 (other ranks may get an empty dict).
-        Collective: every rank calls it."""
+        Collective: every rank calls it. `trainable_only`: the parameters that train (a LoRA
+        adapter) and the buffers, not the frozen weights."""
 
     @abstractmethod
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:

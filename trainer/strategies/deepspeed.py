@@ -123,16 +123,22 @@ class DeepSpeedStrategy(Strategy):
             by_id.setdefault(id(p), ([], p))[0].append(name)
         return list(by_id.values())
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """fp32 weights, consolidated from the optimizer's fp32 partitions (ZeRO-3 included), with
         the plain model's keys. Collective: every rank gathers, rank 0 keeps them."""
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         out: dict[str, torch.Tensor] = {}
         for names, p in self._named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             full = safe_get_full_fp32_param(p)
-            if full is None:  # not managed by a ZeRO optimizer (frozen): the module holds it whole
+            if full is None and hasattr(p, "ds_id"):  # frozen under ZeRO-3: no optimizer partition; the module's is empty until gathered
+                with deepspeed.zero.GatheredParameters([p]):
+                    full = p.detach().float().clone()
+            elif full is None:  # not managed by a ZeRO optimizer (frozen): the module holds it whole
                 full = p.detach().float()
             if rank == 0:
                 value = full.detach().to("cpu", torch.float32).clone()

@@ -249,10 +249,10 @@ class NativeStrategy(Strategy):
         if extra["scaler"]:
             self.scaler.load_state_dict(extra["scaler"])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(self.model, options=options)  # type: ignore[return-value]  # tensors only
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
