@@ -284,6 +284,11 @@ class DataConfig:
     token_dtype: str = "uint16"  # tokens_bin
     num_samples: int = 0  # synthetic, or a user's dataset: training samples per epoch
     num_workers: int = 0
+    # TrainingArguments' dataloader_pin_memory (pinned only where the device is CUDA),
+    # dataloader_persistent_workers and dataloader_prefetch_factor (both need num_workers > 0).
+    pin_memory: bool = True
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None  # batches each worker loads ahead; None: torch's 2
     kwargs: dict[str, Any] = field(default_factory=dict)
     # Records for a transformers model (names jsonl, hf, stdlib_instruct), tokenized once by the
     # launcher's pre-step into a cache keyed by content (trainer/tokenized.py); seq_len is the most
@@ -316,6 +321,10 @@ class DataConfig:
         require(self.seq_len >= 1, "data.seq_len", f"must be >= 1, got {self.seq_len}")
         require(0 <= self.validation_fraction < 1, "data.validation_fraction", f"must be in [0, 1), got {self.validation_fraction}")
         require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.prefetch_factor is None or self.num_workers > 0, "data.prefetch_factor", "applies to loader worker processes, but data.num_workers=0; set data.num_workers >= 1, or drop it")
+        require(self.prefetch_factor is None or self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
+        # ringleader starts each epoch's loader at the resumable sampler's position, so a worker cannot outlive its epoch yet.
+        require(not self.persistent_workers, "data.persistent_workers", "is not supported yet: each epoch's loader starts its workers at the sampler's resumable position; drop it")
         require(self.max_bytes >= 0, "data.max_bytes", f"must be >= 0 (0: all), got {self.max_bytes}")
         require(self.num_samples >= 0, "data.num_samples", f"must be >= 0, got {self.num_samples}")
         require(self.name in DATASETS or bool(self._target_), "data.name", f"unknown dataset '{self.name}'; choose one of {', '.join(DATASETS)} or set data._target_")
@@ -413,6 +422,12 @@ class ClusterConfig:
         check_signal_delay(self.signal_delay_s, self.time_min)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
+COMPILE_BACKENDS = ("inductor", "aot_eager", "aot_eager_decomp_partition", "eager", "cudagraphs", "tvm", "openxla")  # torch._dynamo.list_backends
+# torch.utils.checkpoint's keyword arguments a config can hold (context_fn is code), with their values.
+CHECKPOINT_KWARGS: dict[str, tuple[Any, ...]] = {"use_reentrant": (False, True), "preserve_rng_state": (True, False), "determinism_check": ("default", "none"), "debug": (False, True)}
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """The loop's arguments, named as in Hugging Face TrainingArguments."""
@@ -488,12 +503,27 @@ class TrainConfig:
     resume_with_changed_config: bool = False
     nonfinite: str = "error"  # error | skip: what a NaN/inf loss or gradient norm does
     export_final: bool = True  # write final/model.safetensors
+    # Trainer's torch.compile switch (trainer/compile.py): each transformer block (or a model without
+    # blocks whole) is compiled before the strategy wraps or shards it, as torchtitan does. Setting
+    # a mode or a backend turns it on, as in Trainer. Backend None: inductor (needs a C++ compiler on CPU).
     torch_compile: bool = False
+    torch_compile_mode: str | None = None  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    torch_compile_backend: str | None = None  # inductor, aot_eager, eager, cudagraphs, ... (COMPILE_BACKENDS)
+    # On an out-of-memory error the per-device batch is divided (halved when even) and the
+    # accumulation multiplied by the same factor, so the effective batch, each step's samples and
+    # the schedule stay the plan's (Trainer changes the effective batch instead); trainer/autobatch.py.
+    auto_find_batch_size: bool = False
+    # NEFTune (Trainer's): uniform noise of alpha / sqrt(seq_len x hidden) on the input embeddings, training only.
+    neftune_noise_alpha: float | None = None
+    # torch.utils.checkpoint's keyword arguments with train.gradient_checkpointing (CHECKPOINT_KWARGS).
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None  # None: {use_reentrant: false}
 
     def __post_init__(self) -> None:
         """transformers 4's evaluation_strategy, when set, is eval_strategy (with a note in the plan);
         Trainer's boolean include_num_input_tokens_seen is all or no."""
         self.notes: list[str] = []
+        if self.torch_compile_mode or self.torch_compile_backend:  # as Trainer: either one turns compilation on
+            self.torch_compile = True
         if self.evaluation_strategy in INTERVALS:
             self.notes.append(f"train.evaluation_strategy is transformers 4's name (removed in transformers 5); used as train.eval_strategy={self.evaluation_strategy}: write that instead")
             self.eval_strategy = self.evaluation_strategy
@@ -530,7 +560,15 @@ class TrainConfig:
             resolve_report_to(self.report_to, installed_only=False)
         except TrackerError as exc:
             raise ConfigError("train.report_to", str(exc)) from None
-        require(not self.torch_compile, "train.torch_compile", "is not supported yet; set train.torch_compile=false")
+        require(self.torch_compile_mode in (None, *COMPILE_MODES), "train.torch_compile_mode", f"'{self.torch_compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
+        require(self.torch_compile_backend in (None, *COMPILE_BACKENDS), "train.torch_compile_backend", f"'{self.torch_compile_backend}' is not one of {', '.join(COMPILE_BACKENDS)}")
+        require(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, "train.neftune_noise_alpha", f"must be > 0 (or null for no noise), got {self.neftune_noise_alpha}")
+        kwargs = self.gradient_checkpointing_kwargs or {}
+        require(not kwargs or self.gradient_checkpointing, "train.gradient_checkpointing_kwargs", "apply only with train.gradient_checkpointing=true; set it, or drop them")
+        for key, value in kwargs.items():
+            require(key in CHECKPOINT_KWARGS, "train.gradient_checkpointing_kwargs", f"'{key}' is not one of {', '.join(CHECKPOINT_KWARGS)} (torch.utils.checkpoint's arguments that a config can hold)")
+            allowed = CHECKPOINT_KWARGS[key]
+            require(value in allowed and type(value) is type(allowed[0]), f"train.gradient_checkpointing_kwargs.{key}", f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
         require(self.save_total_limit >= 0, "train.save_total_limit", f"must be >= 0 (0 keeps all), got {self.save_total_limit}")
         require(self.nonfinite in NONFINITE, "train.nonfinite", f"'{self.nonfinite}' is not one of error, skip")
         require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
@@ -610,6 +648,10 @@ class RunConfig:
             require(d.num_samples > 0 or t.max_steps > 0, "data.num_samples", "a custom dataset needs data.num_samples (training samples) or train.max_steps to plan the run")
         self.check_peft()
         self.scheduler.check_kwargs(learning_rate=self.optimizer.learning_rate)  # min_lr, lr_end against the rate
+        # An out-of-memory error in a DeepSpeed step leaves its partitioned gradient buffers half reduced: no retry there.
+        require(not (t.auto_find_batch_size and self.strategy.is_deepspeed), "train.auto_find_batch_size", f"works with strategy=ddp or fsdp, not {self.strategy.name}; set train.per_device_train_batch_size yourself")
+        # FSDP2 is built and tested (here and in torchtitan) with non-reentrant checkpointing only.
+        require(not (t.gradient_checkpointing_kwargs or {}).get("use_reentrant") or self.strategy.name != "fsdp", "train.gradient_checkpointing_kwargs.use_reentrant", "true is not supported with strategy=fsdp; set it to false")
         s = self.strategy
         # Offload runs the update in DeepSpeed's CPU Adam: an optimizer ringleader builds itself cannot go there.
         if s.is_deepspeed and self.optimizer.name in (*BITSANDBYTES, "adamw_torch_fused", "adafactor") and (s.offload_optimizer or s.offload_param):

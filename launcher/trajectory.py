@@ -30,7 +30,8 @@ IGNORED = frozenset({
     "train.eval_strategy", "train.eval_steps", "train.eval_max_batches", "train.eval_on_start", "train.eval_prompts", "train.eval_max_new_tokens", "train.per_device_eval_batch_size",
     "train.evaluation_strategy", "train.eval_delay", "train.compute_metrics", "train.include_num_input_tokens_seen",
     "train.ddp_backend", "train.ddp_timeout",
-    "data.num_workers",
+    "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers",
+    "train.auto_find_batch_size",  # it keeps the effective batch, and with it every step's samples
     "model.init_from",
     # compared as one value, EFFECTIVE_BATCH
     "train.per_device_train_batch_size", "train.gradient_accumulation_steps",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -166,6 +167,11 @@ def check_hardware(cfg: RunConfig) -> None:
     require(t.ddp_backend != "nccl" or hw.accelerator == "cuda", "train.ddp_backend", "nccl needs CUDA GPUs; use gloo on CPU (or leave it empty)")
     bitsandbytes = cfg.optimizer.name in BITSANDBYTES
     require(not bitsandbytes or hw.accelerator == "cuda", "optimizer", f"{cfg.optimizer.name} (bitsandbytes) needs CUDA GPUs; use optimizer=adamw on CPU")
+    require(not t.auto_find_batch_size or importlib.util.find_spec("accelerate") is not None, "train.auto_find_batch_size", "uses accelerate's find_executable_batch_size; pip install accelerate, or drop it")
+    # Inductor (torch.compile's default backend) writes and builds C++ for the CPU (CXX, else g++).
+    cpp = os.environ.get("CXX") or "g++"
+    inductor_on_cpu = t.torch_compile and (t.torch_compile_backend or "inductor") == "inductor" and hw.accelerator == "cpu"
+    require(not inductor_on_cpu or shutil.which(cpp) is not None, "train.torch_compile_backend", f"inductor builds C++ on the CPU and {cpp} is not found; install a C++ compiler (or set CXX), or set train.torch_compile_backend=aot_eager")
     if cfg.peft.method == "qlora":  # bitsandbytes' 4-bit weights compute on CUDA GPUs only
         require(hw.accelerator == "cuda", "peft.method", f"qlora loads the base in 4 bits with bitsandbytes, which needs CUDA GPUs (hw profile {hw.name} is {hw.accelerator}); use peft=lora on CPU")
         require(importlib.util.find_spec("bitsandbytes") is not None, "peft.method", "qlora needs bitsandbytes; pip install bitsandbytes, or use peft=lora")

@@ -31,6 +31,7 @@ POINTS = {
     "save-async-write": "saving step STEP asynchronously: in the writer thread, state copied, before it writes",
     "eval": "evaluating after step STEP: before each evaluation batch (trainer/loop.py)",
     "overflow": "optimizer step STEP: this rank's gradients become inf (an fp16 overflow, or a non-finite step); no ACTION",
+    "oom": "optimizer step STEP: torch.OutOfMemoryError after the first micro-batch's backward, once (train.auto_find_batch_size: trainer/autobatch.py); no ACTION",
 }
 
 

@@ -126,13 +126,15 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
-    """The model's own switch, non-reentrant (works with FSDP2, DeepSpeed and frozen inputs)."""
+def enable_gradient_checkpointing(model: Any, kwargs: dict[str, Any] | None = None) -> None:
+    """The model's own switch, non-reentrant (works with FSDP2, DeepSpeed and frozen inputs) unless
+    `kwargs` (train.gradient_checkpointing_kwargs, torch.utils.checkpoint's arguments) say otherwise."""
+    kwargs = {"use_reentrant": False, **(kwargs or {})}
     # transformers 5 renamed the switch (the old name warns that it goes in v6).
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 

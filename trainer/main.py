@@ -55,7 +55,7 @@ def main(run_dir: Path) -> int:
             if (why := packing_refusal(model)) is not None:
                 raise ValueError(f"data.packing: {why}; set data.packing=false")
         if t.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model, t.gradient_checkpointing_kwargs)
             log.info("gradient checkpointing on: activations of each transformer block are recomputed in backward")
         if cfg.model.init_from:  # warm start, before any wrapping: works from any strategy and world size
             model.load_state_dict(load_file(cfg.model.init_from))

@@ -80,6 +80,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embeddings (transformers' name): what NEFTune adds its noise to."""
+        return self.wte
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """As transformers' switch: recompute each block in backward, with torch.utils.checkpoint's
+        keyword arguments (non-reentrant unless they say otherwise)."""
+        self.gradient_checkpointing = True
+        self.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
     @property
     def transformer_blocks(self) -> list[nn.Module]:
         """The repeated units: what FSDP shards one by one and gradient checkpointing recomputes."""
@@ -91,7 +101,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, **getattr(self, "checkpoint_kwargs", {"use_reentrant": False}))
             else:
                 x = block(x)
         logits = self.lm_head(self.ln_f(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from launcher.schema import RunConfig
+from launcher.schema import RunConfig, TrainConfig
 from trainer.durable import FileInfo
 from trainer.model_io import Batch, EvalStatistics, loss_sum_and_count
 
@@ -138,6 +139,11 @@ class Strategy(ABC):
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Initialise the weights from consolidated ones (warm start); every rank calls it."""
 
+    def discard_gradients(self) -> None:
+        """Drop the gradients of a step that is not applied but run again (an out-of-memory error
+        in one of its micro-batches: trainer/autobatch.py)."""
+        self.model.zero_grad(set_to_none=True)
+
     def eval(self) -> None:
         self.model.eval()
 
@@ -149,17 +155,52 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Per transformer block: ringleader's GPT has the switch; a user's model may define
-    `gradient_checkpointing_enable()` as Hugging Face models do. A transformers model uses its
-    own switch, non-reentrant (trainer/hf_model.py)."""
+def enable_gradient_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
+    """Per transformer block: ringleader's GPT and transformers models have Hugging Face's switch
+    `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`, non-reentrant unless
+    `kwargs` (train.gradient_checkpointing_kwargs: torch.utils.checkpoint's arguments) say otherwise;
+    a user's model may define it too, or a `gradient_checkpointing` attribute (then no kwargs)."""
+    kwargs = dict(kwargs or {})
     if getattr(model, "supports_gradient_checkpointing", False) and hasattr(model, "config"):
         from trainer.hf_model import enable_gradient_checkpointing as hf_enable
 
-        hf_enable(model)
+        hf_enable(model, kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()  # type: ignore[operator]
-    elif hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing_enable(**({"gradient_checkpointing_kwargs": kwargs} if kwargs else {}))  # type: ignore[operator]
+    elif hasattr(model, "gradient_checkpointing") and not kwargs:
         setattr(model, "gradient_checkpointing", True)
+    elif hasattr(model, "gradient_checkpointing"):
+        raise ValueError("train.gradient_checkpointing_kwargs: this model's switch is an attribute that takes no arguments; give it gradient_checkpointing_enable(gradient_checkpointing_kwargs=...), or drop them")
     else:
         raise ValueError("train.gradient_checkpointing: this model has no gradient_checkpointing switch; set it to false")
+
+
+def neftune_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    """NEFTune (Jain et al. 2023, as transformers' Trainer): in training only, uniform noise in
+    [-alpha/sqrt(L*d), alpha/sqrt(L*d)] added to the input embeddings of a [B, L, d] batch."""
+    if not module.training:
+        return output
+    alpha: float = getattr(module, "neftune_noise_alpha")
+    bound = alpha / math.sqrt(output.size(1) * output.size(2))
+    return output + torch.zeros_like(output).uniform_(-bound, bound)
+
+
+def activate_neftune(model: nn.Module, alpha: float) -> None:
+    """train.neftune_noise_alpha: the noise hook on the model's input embeddings (transformers'
+    get_input_embeddings(), which ringleader's GPT has too)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if not callable(get_embeddings) or not isinstance(embeddings := get_embeddings(), nn.Module):
+        raise ValueError(f"train.neftune_noise_alpha: {type(model).__name__} has no get_input_embeddings() to add noise to; give it one (as transformers models have), or drop it")
+    embeddings.neftune_noise_alpha = alpha  # type: ignore[assignment]
+    embeddings.register_forward_hook(neftune_hook)
+
+
+def prepare_model(model: nn.Module, t: TrainConfig) -> None:
+    """What every strategy applies to the plain model before wrapping or sharding it: NEFTune's
+    hook on the embeddings, then torch.compile of each transformer block (trainer/compile.py)."""
+    if t.neftune_noise_alpha:
+        activate_neftune(model, t.neftune_noise_alpha)
+    if t.torch_compile:
+        from trainer.compile import apply_compile
+
+        apply_compile(model, t)

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from launcher.deepspeed_config import deepspeed_config
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.strategies.base import LOSS_SCALE, NONFINITE, StepResult, Strategy
+from trainer.strategies.base import LOSS_SCALE, NONFINITE, StepResult, Strategy, prepare_model
 
 log = logging.getLogger("ringleader")
 TAG = "deepspeed"  # the sub-folder of every checkpoint; always passed, DeepSpeed's `latest` is never used
@@ -54,6 +54,7 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo", dist_init_required=False)
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.config = deepspeed_config(self.cfg, world_size=world)
+        prepare_model(model, self.cfg.train)  # NEFTune, torch.compile per block: before the engine wraps and partitions it
         client_optimizer = None if "optimizer" in self.config else build_optimizer(model, self.cfg.optimizer)
 
         def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

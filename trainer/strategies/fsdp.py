@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from trainer.strategies.native import NativeStrategy
@@ -60,6 +60,18 @@ class FSDPStrategy(NativeStrategy):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # MixedPrecisionPolicy casts the parameters
+
+    def discard_gradients(self) -> None:
+        """Also the unsharded gradients that non-final micro-batches accumulate inside FSDP2 (its
+        FSDPParam state, not the parameters' .grad): a rerun step must not add them in again."""
+        super().discard_gradients()
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                for group in module._get_fsdp_state()._fsdp_param_groups:
+                    for fsdp_param in group.fsdp_params:
+                        fsdp_param.unsharded_accumulated_grad = None
+                        if (unsharded := getattr(fsdp_param, "_unsharded_param", None)) is not None:
+                            unsharded.grad = None
 
     def set_gradient_sync(self, sync: bool) -> None:
         # Non-final micro-batches keep unsharded gradients locally and reduce-scatter once.

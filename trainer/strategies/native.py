@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from trainer.durable import FileInfo, write_file
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.strategies.base import LOSS_SCALE, NONFINITE, StagedState, StepResult, Strategy, unwrap
+from trainer.strategies.base import LOSS_SCALE, NONFINITE, StagedState, StepResult, Strategy, prepare_model, unwrap
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -109,6 +109,7 @@ class NativeStrategy(Strategy):
     def setup(self, model: nn.Module, *, total_steps: int, warmup_steps: int) -> None:
         # A meta-built model (transformers weights under fsdp) gets its tensors in wrap, sharded.
         meta = any(p.is_meta for p in model.parameters())
+        prepare_model(model, self.cfg.train)  # NEFTune, torch.compile per block: before DDP or fully_shard, as torchtitan
         self.model = self.wrap(model if meta else model.to(self.device))
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, total_steps=total_steps, warmup_steps=warmup_steps)
