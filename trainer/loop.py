@@ -13,6 +13,7 @@ masked prompts, or how tokens fall into micro-batches and ranks (transformers #3
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,10 +27,12 @@ import torch.distributed as dist
 
 from launcher.plan import Plan
 from launcher.schema import RunConfig
+from launcher.steps import StepLayout
 from trainer.checkpoint import CheckpointManager
 from trainer.control import STOPPED, Control, FlowControl, track_evaluation
-from launcher.steps import StepLayout
 from trainer.data import FILLER, eval_batches, start_position, train_batches
+from trainer.autobatch import BatchFinder
+from trainer.compile import compile_counters
 from trainer.faults import fault_point, planned
 from trainer.generate import Generations
 from trainer.metrics import MetricsLogger, mfu, model_flops_per_token
@@ -143,14 +146,45 @@ class Trainer:
         self.interrupted = False  # an evaluation was cut short by a stop request
         # train.eval_prompts: completed at each evaluation by every rank together (trainer/generate.py).
         self.generations = Generations.from_config(cfg, device=runtime.device)
+        # The per-device batch trained with now: train.auto_find_batch_size may divide it (and
+        # multiply the accumulation by as much) after an out-of-memory error (trainer/autobatch.py).
+        self.B = t.per_device_train_batch_size
+        self.finder = BatchFinder(batch_size=self.B, accumulation=self.G, rank=runtime.rank, world_size=runtime.world_size, device=runtime.device) if t.auto_find_batch_size else None
+
+    def use_batch_size(self, batch_size: int) -> None:
+        """The finder's smaller per-device batch and larger accumulation, from the step that ran out
+        of memory on: the same effective batch, so the same samples in every step and the same schedule."""
+        assert self.finder is not None and batch_size == self.finder.batch_size
+        before = (self.B, self.G)
+        self.B, self.G = self.finder.batch_size, self.finder.accumulation
+        self.layout = dataclasses.replace(self.layout, micro_batch=self.B * self.rt.world_size, accumulation=self.G)
+        step = self.state.step + 1
+        log.warning(
+            "step %d: out of memory with per-device batch %d x accumulation %d; retrying it with %d x %d (effective batch %d unchanged)",
+            step, *before, self.B, self.G, self.E,
+        )
+        self.metrics.log({"event": "auto_find_batch_size", "step": step, "per_device_train_batch_size": self.B, "gradient_accumulation_steps": self.G, "effective_batch_size": self.E})
 
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         s, t, started = self.state, self.cfg.train, time.perf_counter()
-        batches = self.batches()
         if self.cfg.train.eval_on_start and s.step == 0 and self.cfg.train.eval_strategy != "no":
             self.evaluate_and_log()
+        if self.finder is None:
+            self.train_steps(self.B)
+        else:  # accelerate's find_executable_batch_size reruns the steps from the state's position after an out-of-memory error
+            self.finder.wrap(self.train_steps)()
+        return self.finish(started)
+
+    def train_steps(self, batch_size: int) -> None:
+        """Optimizer steps from the state's position to the end or a stop, with per-device batch
+        `batch_size` (smaller than the configured one after an out-of-memory error with
+        train.auto_find_batch_size: trainer/autobatch.py)."""
+        s, t = self.state, self.cfg.train
+        if batch_size != self.B:
+            self.use_batch_size(batch_size)
+        batches = self.batches()
         window = Window()
         while s.step < self.total:
             # G micro-batches, fewer in an epoch's last, partial accumulation step (Trainer's).
@@ -171,6 +205,12 @@ class Trainer:
                 self.status = control.stop
                 self.log_stop(control)
                 break
+
+    def finish(self, started: float) -> dict[str, Any]:
+        """After the last step or a stop: the final evaluation and save Trainer's flow asks for."""
+        s, t = self.state, self.cfg.train
+        if t.torch_compile:  # the proof that compilation happened (dynamo's counters, this process)
+            log.info("torch_compile: %s", " ".join(f"{k} {v}" for k, v in compile_counters().items()))
         self.status = "completed" if self.status == "running" else self.status
         end = self.flow.on_train_end(stopped=self.status == STOPPED)
         if end.evaluate:
@@ -195,10 +235,16 @@ class Trainer:
         self.strategy.train()
         loss_sum = torch.zeros((), device=rt.device)
         scale = math.inf if planned("overflow", step, rt.rank) else 1.0  # tests only: RINGLEADER_FAULT
+        finder = self.finder  # train.auto_find_batch_size: an out-of-memory error is kept, agreed on by all ranks, retried
         for i, batch in enumerate(micro_batches):
-            micro_loss, _ = self.strategy.loss(to_device(batch, rt.device), sync=i == len(micro_batches) - 1)
-            self.strategy.backward(micro_loss * scale, tokens=int(tokens))
-            loss_sum += micro_loss.detach()
+            with finder.catch() if finder else contextlib.nullcontext():
+                micro_loss, _ = self.strategy.loss(to_device(batch, rt.device), sync=i == len(micro_batches) - 1)
+                self.strategy.backward(micro_loss * scale, tokens=int(tokens))
+                loss_sum += micro_loss.detach()
+                if finder:
+                    finder.inject(step, i)  # tests only: RINGLEADER_FAULT=oom:RANK:STEP
+            if finder:
+                finder.agree(step, self.strategy.discard_gradients)
         result = self.strategy.step()
         fault_point("step", step, rt.rank)  # tests only: RINGLEADER_FAULT (trainer/faults.py)
         local_loss = float(loss_sum)
@@ -234,9 +280,9 @@ class Trainer:
             log.info("epoch %d has no step of %d samples left after position %d of %d: continuing with epoch %d", s.epoch, self.layout.smallest, s.consumed, self.layout.samples, epoch)
             s.epoch, s.consumed = epoch, consumed
         return train_batches(
-            self.train_set, s, usable=self.layout.samples, step_samples=self.E, batch_size=t.per_device_train_batch_size, rank=rt.rank,
-            world_size=rt.world_size, seed=t.seed if t.data_seed is None else t.data_seed, num_workers=self.cfg.data.num_workers, pin_memory=rt.device.type == "cuda",
-            drop_last=t.dataloader_drop_last,
+            self.train_set, s, usable=self.layout.samples, step_samples=self.E, batch_size=self.B, rank=rt.rank,
+            world_size=rt.world_size, seed=t.seed if t.data_seed is None else t.data_seed, num_workers=self.cfg.data.num_workers, pin_memory=self.cfg.data.pin_memory and rt.device.type == "cuda",
+            drop_last=t.dataloader_drop_last, prefetch_factor=self.cfg.data.prefetch_factor,
         )
 
     def log_stop(self, control: Control) -> None:
