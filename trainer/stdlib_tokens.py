@@ -26,6 +26,7 @@ def stdlib_tokens(*, split: str, seq_len: int, tokenizer: str = "pkg:trainer/ass
     from trainer.text_data import load_tokenizer
 
     tok = load_tokenizer(package_path(tokenizer))
+    tok.model_max_length = 1 << 62  # whole 64 KiB pieces, cut into windows below: not the model's inputs
     files = corpus.split_of(DataConfig(name="pystdlib", max_bytes=max_bytes, validation_fraction=validation_fraction), split)
     text = corpus.read_split(files).decode("utf-8", errors="replace")
     chunks = [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)]
