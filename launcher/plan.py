@@ -16,7 +16,8 @@ from launcher.errors import ConfigError
 PLAN_FILE = "plan.json"
 # Raised whenever a field is added, removed or changes its meaning: ranks refuse a plan.json of
 # another version instead of misreading it (a SLURM requeue after an upgrade, say).
-PLAN_VERSION = 3
+# 4: steps_per_epoch and total_steps count the last partial micro-batch and accumulation step, as Trainer.
+PLAN_VERSION = 4
 
 
 @dataclass(kw_only=True)

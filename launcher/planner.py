@@ -16,6 +16,7 @@ from launcher.deepspeed_config import deepspeed_config
 from launcher.memory import plan_memory
 from launcher.options import DETERMINISM_ENV, resolve_steps
 from launcher.plan import Plan
+from launcher.steps import StepLayout
 from launcher.schema import HwConfig, RunConfig
 from launcher import corpus
 from launcher.tokenize_step import Tokenized
@@ -59,13 +60,18 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
     unknown = counted is None  # a dry run before tokenization: plan what can be planned
     train_samples = counted or 0
     eval_samples = count_samples(cfg, "validation", tokenized) or 0
-    steps_per_epoch = train_samples // effective
+    # As Trainer: the last, smaller micro-batch and the last partial accumulation step of an epoch
+    # count (launcher/steps.py), unless dataloader_drop_last drops that micro-batch.
+    layout = StepLayout(samples=train_samples, micro_batch=t.per_device_train_batch_size * world, accumulation=t.gradient_accumulation_steps, drop_last=t.dataloader_drop_last)
+    steps_per_epoch = layout.steps_per_epoch
     if steps_per_epoch == 0 and not unknown and not (cfg.data._target_ and t.max_steps > 0):
-        raise ConfigError(
-            "train.per_device_train_batch_size",
-            f"the dataset has {train_samples} training samples, fewer than one effective batch of {effective}; "
-            "lower the batch or accumulation, or use more data (data.max_bytes)",
-        )
+        if t.dataloader_drop_last and train_samples:
+            raise ConfigError(
+                "train.dataloader_drop_last",
+                f"the dataset has {train_samples} training samples, fewer than one micro-batch of {layout.micro_batch} "
+                f"({t.per_device_train_batch_size} per device x {world} ranks), and drop_last drops it; set train.dataloader_drop_last=false or lower the batch",
+            )
+        raise ConfigError("data", "the dataset has no training samples; check data.paths (or data.max_bytes)")
     if t.eval_strategy != "no" and eval_samples < world and not unknown:
         raise ConfigError("data.validation_fraction", f"the validation split has {eval_samples} samples for {world} ranks; raise data.validation_fraction or set train.eval_strategy=no")
     if t.max_steps > 0:

@@ -477,6 +477,9 @@ class TrainConfig:
     full_determinism: bool = False  # transformers' enable_full_determinism: deterministic algorithms, CUBLAS workspace, seeds
     seed: int = 42
     data_seed: int | None = None  # the data order's seed (Trainer's meaning); None: seed
+    # Trainer's: drop each epoch's last incomplete micro-batch (per-device batch x world size); by default it
+    # trains, and so does a last partial accumulation step (launcher/steps.py)
+    dataloader_drop_last: bool = False
     logging_dir: str = ""  # "": <output_dir>/tensorboard
     # Trainer's report_to: a name or a list of tensorboard, wandb, mlflow; all; none (trainer/trackers.py).
     report_to: Any = field(default_factory=lambda: ["tensorboard"])

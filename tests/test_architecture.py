@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "launcher", "cluster", "trainer",  # the packages' __init__: docstrings only
         "launcher.errors", "launcher.paths", "launcher.registry", "launcher.rules", "launcher.schema",
         "launcher.plan", "launcher.files", "launcher.targets", "launcher.corpus", "launcher.deepspeed_config",
-        "launcher.trajectory", "launcher.options", "launcher.hf_config",
+        "launcher.trajectory", "launcher.options", "launcher.hf_config", "launcher.steps",
     )),
     # Where this process runs (torchrun, SLURM, local) and what the host has: read-only.
     ("environment", ("cluster.environment",)),

@@ -1,7 +1,9 @@
 """Datasets and the resumable distributed sampler.
 
 The sampler's whole state is (epoch, samples consumed in the epoch, counted over all ranks): a
-resume restores it directly, in O(1), on any world size, instead of replaying the loader.
+resume restores it directly, in O(1), on any world size, instead of replaying the loader. How an
+epoch falls into steps and micro-batches (Trainer's count, the last smaller ones included) is
+launcher/steps.py's StepLayout; MicroBatches cuts this rank's share out of it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from launcher.schema import DataConfig
+from launcher.steps import StepLayout
 from launcher.targets import load_target
 from launcher import corpus
-from trainer.model_io import collate
+from trainer.model_io import IGNORE_INDEX, Batch, as_batch, collate
+
+# The key of a filler micro-batch: a rank whose share of a last, smaller micro-batch is empty gets
+# one row without labels instead (launcher/steps.py). The loop pops it before the model sees the
+# batch and counts no input tokens for that row.
+FILLER = "filler"
 
 
 def collate_fn_of(dataset: Any) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
@@ -103,27 +111,27 @@ def build_dataset(data: DataConfig, split: str, *, vocab_size: int, seed: int, d
 
 
 def epoch_ends(consumed: int, *, step_samples: int, usable: int) -> bool:
-    """Whether an epoch at position `consumed` has no whole optimizer step left. A resume with a
-    larger effective batch (more ranks, a bigger batch or more accumulation) or smaller data can
-    land past the last whole step: the epoch is over there, as for the tail every epoch drops."""
+    """Whether an epoch of `usable` samples at position `consumed` has no step of at least
+    `step_samples` left (the smallest step the layout allows: StepLayout.smallest, one sample, or
+    one whole micro-batch with dataloader_drop_last). A resume with a larger micro-batch or smaller
+    data can land past the last one: the epoch is over there."""
     return consumed + step_samples > usable
 
 
 def start_position(epoch: int, consumed: int, *, step_samples: int, usable: int) -> tuple[int, int]:
     """Where training continues from a saved (epoch, consumed): the same place, or the start of
-    the next epoch when the saved one has no whole optimizer step left."""
+    the next epoch when the saved one has no step of at least `step_samples` left."""
     return (epoch + 1, 0) if epoch_ends(consumed, step_samples=step_samples, usable=usable) else (epoch, consumed)
 
 
 class ResumableSampler(Sampler[int]):
     """DistributedSampler's order (rank r takes every world_size-th index of one permutation) from
-    a given position. The permutation depends on (seed, epoch) only, not on the world size, and the
-    tail that does not fill an optimizer step is dropped, so every step sees the same samples on
-    any world size: global micro-batch k is perm[k*B*W : (k+1)*B*W].
+    a given position. The permutation depends on (seed, epoch) only, not on the world size, so
+    every step sees the same samples on any world size: global micro-batch k is
+    perm[k*B*W : (k+1)*B*W].
 
-    It stops at the last whole optimizer step (`step_samples` = the effective batch) after
-    `consumed`: whatever the position, every step gets all its micro-batches, and the loader never
-    runs dry in the middle of one."""
+    It stops where no step of `step_samples` is left after `consumed` (whole steps when given the
+    effective batch). The loop takes its micro-batches from MicroBatches, which uses its order."""
 
     def __init__(self, num_samples: int, *, usable: int, epoch: int, consumed: int, rank: int, world_size: int, seed: int, step_samples: int = 0, shuffle: bool = True) -> None:
         self.num_samples, self.usable, self.epoch, self.consumed = num_samples, min(usable, num_samples), epoch, consumed
@@ -144,15 +152,81 @@ class ResumableSampler(Sampler[int]):
         return len(range(self.consumed + self.rank, self.end, self.world_size))
 
 
-def train_batches(dataset: Any, state, *, usable: int, step_samples: int, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool) -> Iterator:
+class WithFiller(Dataset):
+    """The dataset indexed by (index, filler) pairs, for MicroBatches: a filler row is sample
+    `index` again, to be collated without labels."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[Any, bool]:
+        index, filler = key
+        return self.dataset[index], filler
+
+
+class FillerCollate:
+    """The dataset's collator on the samples; a filler micro-batch (one row) gets all labels -100
+    and the FILLER key: it adds nothing to the loss or the label count, and its forward and
+    backward still take part in every collective of the step (DDP, FSDP, ZeRO)."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list[tuple[Any, bool]]) -> Batch:
+        batch = as_batch(self.collate_fn([sample for sample, _ in items]))
+        if any(filler for _, filler in items):
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            batch[FILLER] = torch.ones((), dtype=torch.bool)
+        return batch
+
+
+class MicroBatches(Sampler[list[tuple[int, bool]]]):
+    """This rank's micro-batches of one epoch from position `consumed` on, as a DataLoader's
+    batch sampler: the steps of `layout` (launcher/steps.py) cut from `consumed`, each step's
+    micro-batches of layout.micro_batch samples, rank r taking every world_size-th one from r.
+    Every rank yields the same number of micro-batches; a rank with no sample in a last, smaller
+    micro-batch gets a filler row (the first sample of that micro-batch, without labels)."""
+
+    def __init__(self, layout: StepLayout, order: torch.Tensor, *, consumed: int, rank: int, world_size: int) -> None:
+        self.layout, self.order, self.consumed, self.rank, self.world_size = layout, order, consumed, rank, world_size
+
+    def spans(self) -> Iterator[tuple[int, int]]:
+        """[start, stop) of each global micro-batch in the epoch's order."""
+        position, micro = self.consumed, self.layout.micro_batch
+        while n := self.layout.step_samples(position):
+            for start in range(position, position + n, micro):
+                yield start, min(start + micro, position + n)
+            position += n
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        for start, stop in self.spans():
+            mine = self.order[start + self.rank : stop : self.world_size].tolist()
+            yield [(i, False) for i in mine] if mine else [(int(self.order[start]), True)]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.spans())
+
+
+def train_batches(
+    dataset: Any, state, *, usable: int, step_samples: int, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool,
+    drop_last: bool = False, prefetch_factor: int | None = None,
+) -> Iterator[Batch]:
     """Micro-batches forever, epoch after epoch, each epoch starting from the state's position as it
     is when the epoch's first batch is asked for (the loop advances the state after each step,
-    and starts a new epoch where epoch_ends says so)."""
+    and starts a new epoch where the layout says so). `usable`: the samples of an epoch,
+    `step_samples`: the effective batch; the layout (launcher/steps.py) says how many micro-batches
+    each step has, the last smaller ones included."""
+    micro = batch_size * world_size
+    layout = StepLayout(samples=min(usable, len(dataset)), micro_batch=micro, accumulation=max(1, step_samples // micro), drop_last=drop_last)
     while True:
-        sampler = ResumableSampler(len(dataset), usable=usable, epoch=state.epoch, consumed=state.consumed, rank=rank, world_size=world_size, seed=seed, step_samples=step_samples)
-        if len(sampler) == 0:  # an empty epoch would make this loop spin forever, with no collective to time out
+        order = ResumableSampler(len(dataset), usable=layout.samples, epoch=state.epoch, consumed=state.consumed, rank=rank, world_size=world_size, seed=seed).order()
+        sampler = MicroBatches(layout, order, consumed=state.consumed, rank=rank, world_size=world_size)
+        if layout.epoch_ends(state.consumed):  # an empty epoch would make this loop spin forever, with no collective to time out
             raise RuntimeError(
-                f"no training samples left at epoch {state.epoch}, position {state.consumed} of {usable} (dataset of {len(dataset)} samples, "
+                f"no training samples left at epoch {state.epoch}, position {state.consumed} of {layout.samples} (dataset of {len(dataset)} samples, "
                 f"{step_samples} per optimizer step); the data changed under the run, or the position is past the epoch's end"
             )
         # A generator of its own: a DataLoader draws its workers' base seed from the global RNG
@@ -160,8 +234,8 @@ def train_batches(dataset: Any, state, *, usable: int, step_samples: int, batch_
         # dropout stream and break bit-identical resume.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + state.epoch)
         loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, drop_last=False, persistent_workers=False,
-            generator=generator, collate_fn=collate_fn_of(dataset),
+            WithFiller(dataset), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, prefetch_factor=prefetch_factor,
+            generator=generator, collate_fn=FillerCollate(collate_fn_of(dataset)),
         )
         yield from loader
 
