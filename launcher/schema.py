@@ -566,6 +566,8 @@ class TrainConfig:
         require(self.torch_compile_mode in (None, *COMPILE_MODES), "train.torch_compile_mode", f"'{self.torch_compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
         require(self.torch_compile_backend in (None, *COMPILE_BACKENDS), "train.torch_compile_backend", f"'{self.torch_compile_backend}' is not one of {', '.join(COMPILE_BACKENDS)}")
         require(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, "train.neftune_noise_alpha", f"must be > 0 (or null for no noise), got {self.neftune_noise_alpha}")
+        # With drop_last an epoch keeps whole micro-batches only: a smaller one would keep more of the tail than the plan counted.
+        require(not (self.auto_find_batch_size and self.dataloader_drop_last), "train.auto_find_batch_size", "cannot keep the planned steps with train.dataloader_drop_last (a smaller micro-batch drops less of each epoch); drop one of them")
         kwargs = self.gradient_checkpointing_kwargs or {}
         require(not kwargs or self.gradient_checkpointing, "train.gradient_checkpointing_kwargs", "apply only with train.gradient_checkpointing=true; set it, or drop them")
         for key, value in kwargs.items():

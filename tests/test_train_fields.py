@@ -109,6 +109,7 @@ def test_gradient_checkpointing_kwargs_reach_torch_checkpoint(kwargs, reentrant)
     (dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}), "fsdp", {}, "train.gradient_checkpointing_kwargs.use_reentrant"),
     (dict(neftune_noise_alpha=0.0), "ddp", {}, "train.neftune_noise_alpha"),
     (dict(auto_find_batch_size=True), "zero2", {}, "train.auto_find_batch_size"),
+    (dict(auto_find_batch_size=True, dataloader_drop_last=True), "ddp", {}, "train.auto_find_batch_size"),
     (dict(torch_compile_backend="nvfuser"), "ddp", {}, "train.torch_compile_backend"),
     ({}, "ddp", dict(prefetch_factor=4), "data.prefetch_factor"),  # without worker processes, as Trainer
     ({}, "ddp", dict(num_workers=2, persistent_workers=True), "data.persistent_workers"),
