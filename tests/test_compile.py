@@ -11,7 +11,7 @@ import re
 import pytest
 
 from tests.conftest import SLOW_VARIANT, run_launcher
-from tests.test_train_fields import BASE, baseline, eval_losses, losses, rank_log
+from tests.test_train_fields import BASE, baseline, losses, rank_log
 
 
 def compiled_frames(log: str) -> int:
@@ -28,11 +28,12 @@ def compiled_frames(log: str) -> int:
 ])
 def test_a_compiled_run_trains_like_an_uncompiled_one(strategy, extra, tmp_path):
     base = baseline()
-    run = run_launcher(tmp_path / "run", *BASE, f"strategy={strategy}", "train.torch_compile=true", *extra, timeout=600)
+    # No evaluation in the compiled run: it would compile an inference graph too (evaluation does not
+    # change training's losses, which are compared).
+    run = run_launcher(tmp_path / "run", *BASE, f"strategy={strategy}", "train.torch_compile=true", "train.eval_strategy=no", "train.eval_on_start=false", *extra, timeout=600)
     # Compiled kernels order floating-point sums differently: equal within float32 rounding.
     assert losses(run) == pytest.approx(losses(base), rel=2e-4)
-    assert eval_losses(run) == pytest.approx(eval_losses(base), rel=2e-4)
     for rank in (0, 1):
         log = rank_log(run, rank)
-        assert "transformer blocks compiled in place" in log
-        assert compiled_frames(log) > 0
+        assert "2 transformer blocks compiled in place" in log
+        assert compiled_frames(log) > 0  # one graph serves both blocks (1 frame, 1 graph, no break on ddp)
