@@ -63,15 +63,46 @@ def effective_batch(config: dict[str, Any], world_size: int | None) -> int | Non
         return None
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Every schema key with a default, flattened ({"train.dataloader_drop_last": False, ...})."""
+    import dataclasses
+
+    from launcher.schema import RunConfig
+
+    def default(f: dataclasses.Field) -> Any:
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+        return f.default
+
+    out: dict[str, Any] = {}
+    for group in dataclasses.fields(RunConfig):
+        value = default(group)
+        if not dataclasses.is_dataclass(value):
+            out[group.name] = value
+            continue
+        for f in dataclasses.fields(value):
+            if f.name.startswith("_") and f.name != "_target_" or default(f) is dataclasses.MISSING:
+                continue
+            out.update(flatten(default(f), f"{group.name}.{f.name}."))
+    return out
+
+
 def changed_keys(old: dict[str, Any], old_world_size: int | None, new: dict[str, Any], new_world_size: int | None) -> dict[str, tuple[Any, Any]]:
     """The keys that change the trajectory and differ, {key: (old value, new value)}, sorted. A key
-    missing on one side shows as None there."""
+    the old config lacks (it was written before the key existed) is its schema default there, so
+    an upgrade alone changes nothing; any other key missing on one side shows as None there."""
     a, b = flatten(old), flatten(new)
+    a = {**{k: v for k, v in schema_defaults().items() if k in b and k not in a and _group_in(k, old)}, **a}
     diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if counts(k) and a.get(k) != b.get(k)}
     batches = effective_batch(old, old_world_size), effective_batch(new, new_world_size)
     if None not in batches and batches[0] != batches[1]:
         diff[EFFECTIVE_BATCH] = batches
     return diff
+
+
+def _group_in(key: str, config: dict[str, Any]) -> bool:
+    """The key's group is in the config (a config missing a whole group is not an older one)."""
+    return "." not in key or isinstance(config.get(key.split(".", 1)[0]), dict)
 
 
 def describe(diff: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
