@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import launcher_env, run_launcher
+from tests.conftest import SLOW_VARIANT, launcher_env, run_launcher
 from tests.test_train_fields import BASE, baseline, eval_losses, losses, rank_log
 
 
-def test_an_out_of_memory_step_is_retried_with_half_the_batch_and_the_same_samples(tmp_path):
-    base = baseline()  # per-device batch 2 x accumulation 4 from the start
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=SLOW_VARIANT)])
+def test_an_out_of_memory_step_is_retried_with_half_the_batch_and_the_same_samples(strategy, tmp_path):
+    base = baseline()  # ddp, per-device batch 2 x accumulation 4 from the start (the loss is token-exact across strategies)
     run = run_launcher(
-        tmp_path / "run", *BASE, "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2", "train.auto_find_batch_size=true",
+        tmp_path / "run", *BASE, f"strategy={strategy}", "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2", "train.auto_find_batch_size=true",
         env=launcher_env(RINGLEADER_FAULT="oom:1:2"),
     )
     assert run.result()["status"] == "completed" and run.result()["global_step"] == 4
