@@ -27,7 +27,8 @@ dtype they are held in (model.dtype; 16-bit under DeepSpeed with bf16/fp16, whic
 module), sharded by fsdp and zero3 (/N), whole on every rank otherwise. QLoRA's base Linear
 weights take 0.5 byte each plus their quantisation constants (fp32 absmax per 64 weights: 1/16
 byte; with double quantisation 8-bit absmax: about 1/64 byte); embeddings, norms and the head keep
-model.dtype. Activations of a transformers model: about 6 h + 4 intermediate values per token and
+model.dtype; fsdp keeps the 4-bit weights whole on each rank (FSDP2 would lose their
+quantisation state), zero3 partitions them. Activations of a transformers model: about 6 h + 4 intermediate values per token and
 layer (the residual stream alone when checkpointed), and the logits.
 """
 
@@ -220,7 +221,7 @@ def estimate(cfg: RunConfig, *, world_size: int, strategy: str | None = None, mi
         frozen_gb = frozen * per_weight / GB
         if cfg.peft.method == "qlora":  # the targeted Linear weights in 4 bits (with their constants)
             four_bit = 0.5 + (1 / 64 if cfg.peft.bnb_4bit_use_double_quant else 1 / 16)
-            shard = world_size if strategy in ("fsdp", "zero3") else 1
+            shard = world_size if strategy == "zero3" else 1  # fsdp keeps them whole (trainer/strategies/fsdp.py)
             frozen_gb -= base_linear * (per_weight - four_bit / shard) / GB
         per_rank = {"frozen_parameters": frozen_gb, **{name: trainable * b / GB for name, b in states.items()}}
     if config is not None:

@@ -32,9 +32,9 @@ LOSS_RTOL = 1e-5  # tests/test_strategies.py's: only the order of fp32 reduction
 ADAPTER = (".lora_A.", ".lora_B.")
 
 
-def args(base: Path, *extra: str) -> list[str]:
+def args(base: Path, *extra: str, cache: Path | None = None) -> list[str]:
     return [
-        "model=hf", f"model.name_or_path={base}", "peft=lora", "peft.r=8", "peft.lora_alpha=16", "peft.lora_dropout=0",
+        *([f"data.cache_dir={cache}"] if cache else []), "model=hf", f"model.name_or_path={base}", "peft=lora", "peft.r=8", "peft.lora_alpha=16", "peft.lora_dropout=0",
         "data=stdlib_instruct", "data.seq_len=64", "train.max_steps=4", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2",
         "train.logging_steps=1", "train.eval_strategy=no", "train.eval_on_start=false", "train.save_strategy=steps", "train.save_steps=2",
         "train.save_total_limit=0", "train.report_to=[]", "optimizer.learning_rate=1e-2", "scheduler=constant", *extra,
@@ -42,7 +42,7 @@ def args(base: Path, *extra: str) -> list[str]:
 
 
 def env(cache: Path) -> dict[str, str]:
-    return launcher_env(XDG_CACHE_HOME=str(cache), **OFFLINE)
+    return launcher_env(**OFFLINE)  # the tokenized data goes to data.cache_dir (args); DeepSpeed's JIT-built ops stay in the user's cache
 
 
 def losses(run: Run) -> dict[int, float]:
@@ -69,10 +69,21 @@ def base(tmp_path_factory) -> Path:
     return folder
 
 
+class Runs(dict):
+    """One run per strategy, made when a test first asks for it (a -k selection runs only those)."""
+
+    def __init__(self, root: Path, base: Path, cache: Path) -> None:
+        super().__init__()
+        self.root, self.base, self.cache = root, base, cache
+
+    def __missing__(self, strategy: str) -> Run:
+        self[strategy] = run_launcher(self.root / strategy, *args(self.base, f"strategy={strategy}", cache=self.cache), env=env(self.cache), timeout=900)
+        return self[strategy]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, base, cache) -> dict[str, Run]:
-    root = tmp_path_factory.mktemp("lora")
-    return {s: run_launcher(root / s, *args(base, f"strategy={s}"), env=env(cache)) for s in STRATEGIES}
+    return Runs(tmp_path_factory.mktemp("lora"), base, cache)
 
 
 def adapted(base: Path, r: int = 8):
@@ -141,7 +152,7 @@ def test_interrupted_and_resumed_ends_bit_identical(runs, base, cache, tmp_path)
     for gone in ("checkpoints/step-4", "final"):
         shutil.rmtree(run_dir / gone, ignore_errors=True)
     (run_dir / "result.json").unlink()
-    resumed = run_launcher(run_dir, *args(base, "strategy=fsdp"), env=env(cache))
+    resumed = run_launcher(run_dir, *args(base, "strategy=fsdp", cache=cache), env=env(cache), timeout=900)
     assert any(m.get("event") == "resume" and m["step"] == 2 for m in resumed.metrics())
     want, got = read_dcp(done.run_dir / "checkpoints" / "step-4" / "dcp"), read_dcp(run_dir / "checkpoints" / "step-4" / "dcp")
     assert sorted(want) == sorted(got)
@@ -158,7 +169,7 @@ def test_resume_from_2_ranks_on_1(runs, base, cache, tmp_path):
         shutil.rmtree(run_dir / gone, ignore_errors=True)
     (run_dir / "result.json").unlink()
     one = ("cluster.nproc_per_node=1", "train.per_device_train_batch_size=4", "train.resume_with_changed_config=true")
-    resumed = run_launcher(run_dir, *args(base, "strategy=ddp", *one), env=env(cache))
+    resumed = run_launcher(run_dir, *args(base, "strategy=ddp", *one, cache=cache), env=env(cache), timeout=900)
     assert any(m.get("event") == "resume" and m["step"] == 2 for m in resumed.metrics())
     want, got = read_dcp(runs["ddp"].run_dir / "checkpoints" / "step-4" / "dcp"), read_dcp(run_dir / "checkpoints" / "step-4" / "dcp")
     for k in (k for k in want if k.startswith("/model/")):
@@ -196,7 +207,7 @@ def test_resume_on_a_changed_base_is_refused(base, tmp_path):
 def test_bad_input_is_refused_with_one_line_and_nothing_written(base, cache, tmp_path, overrides, message):
     overrides = [o.replace("BASE", str(base)) for o in overrides]
     before = sorted(p.name for p in cache.rglob("*"))
-    proc = subprocess.run([sys.executable, "-m", "launcher", *overrides, f"train.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env(cache), cwd=ROOT, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "launcher", *overrides, f"train.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=launcher_env(XDG_CACHE_HOME=str(cache), **OFFLINE), cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -207,7 +218,7 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(base, cache, tmp
 def test_qlora_trains_on_a_gpu(base, cache, tmp_path):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
     run = run_launcher(
-        tmp_path / "qlora", *args(base, "peft=qlora", "peft.r=8", "model.dtype=bfloat16", "train.bf16=true", "cluster.nproc_per_node=1", "train.per_device_train_batch_size=4"),
+        tmp_path / "qlora", *args(base, "peft=qlora", "peft.r=8", "model.dtype=bfloat16", "train.bf16=true", "cluster.nproc_per_node=1", "train.per_device_train_batch_size=4", cache=cache),
         env=env(cache),
     )
     steps = losses(run)

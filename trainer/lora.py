@@ -236,7 +236,7 @@ def base_difference(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The PeftModel under DDP's or DeepSpeed's `.module` (FSDP2 shards in place)."""
-    while isinstance(getattr(model, "module", None), nn.Module) and lora_info(model) is None:
+    while "ringleader_lora" not in model.__dict__ and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module  # type: ignore[assignment]
     return model
 

@@ -38,11 +38,15 @@ class FSDPStrategy(NativeStrategy):
             blocks = transformer_blocks(model)
         if blocks is None:
             raise ValueError("strategy=fsdp: the model has no `transformer_blocks` (the modules to shard one by one); add that property, or use strategy=ddp")
+        # QLoRA: bitsandbytes' 4-bit weights stay whole on every rank (frozen, 0.5 byte each). FSDP2
+        # would turn them into plain parameters when it gathers them, losing their quantisation state
+        # (axolotl #2992, accelerate #3983); the adapters and the rest are sharded as usual.
+        four_bit = {p for p in model.parameters() if type(p).__name__ == "Params4bit"} or None
         for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, ignored_params=four_bit)
         # The root holds what is left (embeddings, final norm, the tied head): it stays gathered
         # after forward, since backward needs it first.
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=four_bit)
         weights = getattr(model, "ringleader_weights", None)
         if weights is not None:  # built on the meta device (trainer/build.py): allocate the shards, stream rank 0's weights in
             from trainer.hf_model import load_full_state_dict, materialize
