@@ -18,7 +18,7 @@ import torch
 
 from launcher.errors import ConfigError
 from launcher.schema import DataConfig, RunConfig, StrategyConfig, TrainConfig
-from tests.conftest import TINY, Run, run_launcher
+from tests.conftest import SLOW_VARIANT, TINY, Run, run_launcher
 
 # Per-device batch 2 x accumulation 4 on 2 ranks (16 samples a step), an evaluation before the
 # first step and after the last; no dropout, so two runs differ only by what a test changes.
@@ -91,6 +91,11 @@ def test_gradient_checkpointing_kwargs_reach_torch_checkpoint(kwargs, reentrant)
     model = GPT(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=8)
     enable_gradient_checkpointing(model, kwargs)
     out = model(torch.randint(0, 32, (2, 16)))
+    assert ("CheckpointFunctionBackward" in autograd_nodes(out)) == reentrant
+
+
+def autograd_nodes(out: torch.Tensor) -> set[str]:
+    """The class names of every node of out's backward graph."""
     seen, stack, names = set(), [out.grad_fn], set()
     while stack:
         node = stack.pop()
@@ -99,7 +104,21 @@ def test_gradient_checkpointing_kwargs_reach_torch_checkpoint(kwargs, reentrant)
         seen.add(node)
         names.add(type(node).__name__)
         stack.extend(next_fn for next_fn, _ in node.next_functions)
-    assert ("CheckpointFunctionBackward" in names) == reentrant
+    return names
+
+
+@SLOW_VARIANT
+def test_gradient_checkpointing_kwargs_reach_a_transformers_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.strategies.base import enable_gradient_checkpointing
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    for kwargs, reentrant in (({}, False), ({"use_reentrant": True}, True)):
+        model = LlamaForCausalLM(config).train()
+        enable_gradient_checkpointing(model, kwargs)
+        out = model(input_ids=torch.randint(0, 64, (2, 8))).logits
+        assert ("CheckpointFunctionBackward" in autograd_nodes(out)) == reentrant
 
 
 @pytest.mark.parametrize("train,strategy,data,key", [
