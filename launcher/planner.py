@@ -64,13 +64,6 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
     # count (launcher/steps.py), unless dataloader_drop_last drops that micro-batch.
     layout = StepLayout(samples=train_samples, micro_batch=t.per_device_train_batch_size * world, accumulation=t.gradient_accumulation_steps, drop_last=t.dataloader_drop_last)
     steps_per_epoch = layout.steps_per_epoch
-    if 0 < train_samples < t.per_device_train_batch_size and not (cfg.data._target_ and t.max_steps > 0):
-        # No batch of that size exists: Trainer would run one smaller batch an epoch, surely not what was meant.
-        raise ConfigError(
-            "train.per_device_train_batch_size",
-            f"{t.per_device_train_batch_size} is more than the {train_samples} training samples, so no batch of it exists; "
-            f"lower it (e.g. train.per_device_train_batch_size={train_samples}) or use more data",
-        )
     if steps_per_epoch == 0 and not unknown and not (cfg.data._target_ and t.max_steps > 0):
         if t.dataloader_drop_last and train_samples:
             raise ConfigError(
@@ -157,6 +150,16 @@ def samples_line(plan: Plan, cfg: RunConfig) -> str:
     return line
 
 
+def tokens_line(plan: Plan, cfg: RunConfig) -> str:
+    """tokens_per_step is batch x seq_len: exact for fixed-length data, an upper bound for padded
+    text; with the tokenized cache known, the mean number of labelled tokens a step beside it."""
+    if not cfg.data.is_text:
+        return f"{plan.tokens_per_step} tokens/step"
+    labelled, samples = plan.tokenized.get("labelled", {}).get("train"), plan.train_samples
+    mean = f"; {labelled / samples * plan.effective_batch_size:.0f} labelled tokens/step on average" if labelled and samples else ""
+    return f"at most {plan.tokens_per_step} tokens/step{mean}"
+
+
 def intervals_line(plan: Plan, cfg: RunConfig) -> str:
     """Logging, evaluation and saving as the ranks will do them (ratios resolved to steps)."""
     t = cfg.train
@@ -177,7 +180,7 @@ def render_plan(plan: Plan, cfg: RunConfig) -> str:
         ("hardware", f"{cfg.hw.name}: {plan.accelerator}, {plan.backend}, {plan.threads_per_rank} thread(s) per rank"),
         ("model / data", f"{cfg.model.name} / {cfg.data.name} (seq_len {cfg.data.seq_len})"),
         ("strategy", f"{plan.strategy}, {plan.precision}" + (", gradient checkpointing" if cfg.train.gradient_checkpointing else "")),
-        ("batch", f"{plan.per_device_train_batch_size} per device x {plan.world_size} ranks x {plan.gradient_accumulation_steps} accumulation = {plan.effective_batch_size} effective ({plan.tokens_per_step} tokens/step)"),
+        ("batch", f"{plan.per_device_train_batch_size} per device x {plan.world_size} ranks x {plan.gradient_accumulation_steps} accumulation = {plan.effective_batch_size} effective ({tokens_line(plan, cfg)})"),
         ("samples", samples_line(plan, cfg)),
         ("steps", f"{plan.steps_per_epoch} per epoch, {plan.total_steps} total ({plan.num_train_epochs:.3g} epochs), warmup {plan.warmup_steps}"),
         ("intervals", intervals_line(plan, cfg)),

@@ -36,6 +36,7 @@ class Tokenized:
     tokens: dict[str, int] = field(default_factory=dict)
     packed_samples: dict[str, int] = field(default_factory=dict)
     pad_token_id: int = 0
+    labelled: dict[str, int] = field(default_factory=dict)  # tokens with a label (a loss), per split
 
     def count(self, split: str, *, packing: bool) -> int | None:
         counts = self.packed_samples if packing else self.samples
@@ -78,7 +79,7 @@ def from_meta(folder: Path, *, hit: bool, seconds: float = 0.0) -> Tokenized:
     meta = json.loads((folder / "meta.json").read_text())
     return Tokenized(
         folder=str(folder), hit=hit, seconds=seconds, samples=meta["samples"], tokens=meta["tokens"],
-        packed_samples=meta["packed_samples"], pad_token_id=int(meta.get("pad_token_id", 0)),
+        packed_samples=meta["packed_samples"], pad_token_id=int(meta.get("pad_token_id", 0)), labelled=meta.get("labelled", {}),
     )
 
 

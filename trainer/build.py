@@ -35,6 +35,39 @@ def zero3_pretrained(spec, ds_config: dict) -> nn.Module:
     return model
 
 
+def zero3_random(spec, ds_config: dict, *, seed: int) -> nn.Module:
+    """Random weights under ZeRO-3, built partitioned: every rank builds inside
+    deepspeed.zero.Init (transformers does while an HfDeepSpeedConfig is alive), so no rank keeps
+    the whole model from that build. The values are the seed's: rank 0 alone makes the seeded
+    model in full, exactly as ddp builds it, and copies it into the partitions one parameter at a
+    time (gathered with rank 0 as the modifier, then partitioned again), so the same seed gives
+    the same model on every strategy. Host memory: one full copy on rank 0 while it builds, none
+    on the other ranks (before: one on every rank)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from trainer.hf_model import build_causal_lm
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo", dist_init_required=False)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    # Built before the HfDeepSpeedConfig exists, so transformers makes it in full, as for ddp.
+    reference = dict(build_causal_lm(spec, init="full", seed=seed).named_parameters()) if rank0 else {}
+    keep = HfDeepSpeedConfig(dict(ds_config))
+    model = build_causal_lm(spec, init="full", seed=seed)  # inside zero.Init: partitioned as created
+    setattr(model, "ringleader_hf_deepspeed", keep)  # kept alive with the model (zero.Init reads it)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank0:
+                    param.data.copy_(reference.pop(name).data)
+    params = list(model.parameters())
+    held, total = sum(getattr(p, "ds_tensor", p).numel() for p in params), sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    logging.getLogger("ringleader").info("zero3: random weights (seed %d) built partitioned, %d of %d parameter elements on this rank", seed, held, total)
+    return model
+
+
 def build_adapted(cfg: ModelConfig, *, strategy: str, seed: int, deepspeed: dict | None, peft: PeftConfig, gradient_checkpointing: bool) -> nn.Module:
     """A transformers model with LoRA/QLoRA adapters (trainer/lora.py). The base loads as for full
     training: in full (ddp, zero1/2), on the meta device to be filled after sharding (fsdp), or
@@ -83,8 +116,9 @@ def build_model(
     the meta device; the strategy fills it after sharding (trainer/strategies/fsdp.py, from rank 0's
     safetensors). Under zero3 (`deepspeed`: the plan's DeepSpeed config) pretrained weights load
     inside deepspeed.zero.Init (transformers does it while an HfDeepSpeedConfig is alive), so each
-    parameter is partitioned as it is created. Random weights are made in full on every rank (the
-    same seed gives the same model on every strategy)."""
+    parameter is partitioned as it is created; random weights too, with rank 0's seeded values
+    (zero3_random). Elsewhere random weights are made in full on every rank (the same seed gives
+    the same model on every strategy)."""
     if peft is not None and peft.enabled:  # LoRA/QLoRA (the launcher allows them on transformers models only)
         return build_adapted(cfg, strategy=strategy, seed=seed, deepspeed=deepspeed, peft=peft, gradient_checkpointing=gradient_checkpointing)
     if cfg._target_ == HF_TARGET:
@@ -92,8 +126,8 @@ def build_model(
 
         spec = hf_spec(cfg)
         plan = load_plan(strategy, pretrained=bool(cfg.name_or_path))
-        if plan.init == "zero3" and cfg.name_or_path and deepspeed:
-            return zero3_pretrained(spec, deepspeed)
+        if plan.init == "zero3" and deepspeed:
+            return zero3_pretrained(spec, deepspeed) if cfg.name_or_path else zero3_random(spec, deepspeed, seed=seed)
         init = "meta" if plan.init == "meta" else "full"
         model = build_causal_lm(spec, init=init, seed=seed)
         if plan.rank0_broadcast:
