@@ -64,6 +64,13 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
     # count (launcher/steps.py), unless dataloader_drop_last drops that micro-batch.
     layout = StepLayout(samples=train_samples, micro_batch=t.per_device_train_batch_size * world, accumulation=t.gradient_accumulation_steps, drop_last=t.dataloader_drop_last)
     steps_per_epoch = layout.steps_per_epoch
+    if 0 < train_samples < t.per_device_train_batch_size and not (cfg.data._target_ and t.max_steps > 0):
+        # No batch of that size exists: Trainer would run one smaller batch an epoch, surely not what was meant.
+        raise ConfigError(
+            "train.per_device_train_batch_size",
+            f"{t.per_device_train_batch_size} is more than the {train_samples} training samples, so no batch of it exists; "
+            f"lower it (e.g. train.per_device_train_batch_size={train_samples}) or use more data",
+        )
     if steps_per_epoch == 0 and not unknown and not (cfg.data._target_ and t.max_steps > 0):
         if t.dataloader_drop_last and train_samples:
             raise ConfigError(
