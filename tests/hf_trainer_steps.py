@@ -78,7 +78,10 @@ def record(case: dict[str, Any], output_dir: str) -> dict[str, Any]:
         ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Indices(case["n"]), callbacks=[Recorder()])
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        gc.unfreeze()  # the test process's later collections as they were
     return {"global_step": trainer.state.global_step, "steps": steps, "epoch_ends": epoch_ends}
 
 
