@@ -141,6 +141,8 @@ def save_adapter(model: Any, state: dict[str, torch.Tensor], folder: Path, *, ba
     config = model.peft_config[ADAPTER]
     config.base_model_name_or_path = base
     config.revision = revision or None
+    if isinstance(config.target_modules, set):  # as peft resolved all-linear; sorted, so that the same run writes the same bytes
+        config.target_modules = sorted(config.target_modules)
     # No embedding layers: a LoRA run does not resize them, and they are frozen (not in `state`).
     model.save_pretrained(str(folder), state_dict=state, selected_adapters=[ADAPTER], save_embedding_layers=False, is_main_process=True)
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card: a template, not ringleader's
