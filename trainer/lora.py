@@ -276,8 +276,8 @@ def weight_files(name_or_path: str) -> list[Path]:
 def check_frozen_unchanged(model: nn.Module) -> tuple[int, int]:
     """At the end of a LoRA run, on every rank: the frozen base weights equal model.name_or_path's,
     bit for bit at the dtype they are held in (a base that moved would no longer fit the adapter).
-    Each rank compares only what it holds itself, without gathering: its FSDP shards or ZeRO-3
-    partitions, or (replicated strategies) its 1/world share of the tensors. Returns (tensors
+    Each rank compares its FSDP shards, or its 1/world share of the tensors (replicated
+    strategies; ZeRO-3's are gathered one at a time). Returns (tensors
     compared, 4-bit tensors skipped); raises naming the first that differs."""
     import torch.distributed as dist
     from safetensors import safe_open
@@ -299,11 +299,20 @@ def check_frozen_unchanged(model: nn.Module) -> tuple[int, int]:
         if type(param).__name__ == "Params4bit" or not param.dtype.is_floating_point:
             skipped += 1  # QLoRA's quantised base: nothing to compare with the file's values
             continue
-        replicated = not hasattr(param, "ds_tensor") and not (sys.modules.get("torch.distributed.tensor") and isinstance(param, sys.modules["torch.distributed.tensor"].DTensor))
-        if replicated and i % world != rank:
-            continue
         key = key if key in where else embed  # a tied head is the embedding
-        mine, want = own_piece(param.detach(), where[key].get_tensor(key))
+        if hasattr(param, "ds_tensor"):  # ZeRO-3: gathered one at a time (collective, every rank in the same order)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                whole = param.detach().clone()
+            if i % world != rank:
+                continue
+            mine, want = whole, where[key].get_tensor(key)
+        else:
+            sharded = sys.modules.get("torch.distributed.tensor") is not None and isinstance(param, sys.modules["torch.distributed.tensor"].DTensor)
+            if not sharded and i % world != rank:
+                continue
+            mine, want = own_piece(param.detach(), where[key].get_tensor(key))
         if not torch.equal(mine.cpu(), want.to(mine.dtype)):
             raise RuntimeError(f"peft: the frozen base weight {name} changed during training (it no longer equals {key} of {info.base}); the adapter would not fit its base")
         checked += 1

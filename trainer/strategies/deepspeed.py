@@ -46,6 +46,22 @@ def safe_load(path: str, map_location=None) -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def adapter_only(engine):
+    """The engine's module_state_dict for a LoRA run's checkpoint: DeepSpeed's
+    exclude_frozen_parameters drops frozen parameters by name, but keeps a tied alias of one (the
+    lm_head of a tied embedding); only the trainable parameters are kept here."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def module_state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        state = DeepSpeedEngine.module_state_dict(engine, destination, prefix, keep_vars, exclude_frozen_parameters)
+        if not exclude_frozen_parameters:
+            return state
+        trainable = {prefix + n for n, p in engine.module.named_parameters() if p.requires_grad}
+        return type(state)((k, v) for k, v in state.items() if k in trainable)
+
+    return module_state_dict
+
+
 class DeepSpeedStrategy(Strategy):
     def setup(self, model: nn.Module, *, total_steps: int, warmup_steps: int) -> None:
         import deepspeed
@@ -71,6 +87,8 @@ class DeepSpeedStrategy(Strategy):
         self.model = self.engine
         self.stage = self.config["zero_optimization"]["stage"]
         self.engine.checkpoint_engine.load = safe_load  # DeepSpeed's own load unpickles anything
+        if self.cfg.peft.enabled:
+            self.engine.module_state_dict = adapter_only(self.engine)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed holds the module in bf16/fp16 itself

@@ -162,6 +162,9 @@ class NativeStrategy(Strategy):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options())
+        if self.cfg.peft.enabled:  # ignore_frozen_params keeps a tied alias of a frozen weight (lm_head of a tied embedding)
+            trainable = {n for n, p in unwrap(self.model).named_parameters() if p.requires_grad}
+            model_sd = {k: v for k, v in model_sd.items() if k in trainable}
         return {"model": model_sd, "optimizer": optim_sd}
 
     def extra_state(self, skeleton: Any) -> dict[str, Any]:
