@@ -34,14 +34,6 @@ ARGS = (
 IDS = torch.arange(5, 45).reshape(2, 20)
 
 
-def timed(what, fn, *args, **kwargs):
-    import time
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    print(f"TIMING {what}: {time.perf_counter() - t:.1f}s")
-    return out
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A pretrained base: the shipped tiny Llama config with seeded random weights, saved as a
@@ -69,7 +61,7 @@ EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(os.environ.get("
 
 def lora_run(root: Path, base: Path, cache: Path, strategy: str):
     env = launcher_env(XDG_CACHE_HOME=str(cache), TORCH_EXTENSIONS_DIR=EXTENSIONS, **OFFLINE)
-    return timed(f"run {strategy}", run_launcher, root / strategy, *ARGS, f"model.name_or_path={base}", f"strategy={strategy}", env=env, timeout=600)
+    return run_launcher(root / strategy, *ARGS, f"model.name_or_path={base}", f"strategy={strategy}", env=env, timeout=600)
 
 
 def adapted(base: Path, **peft: object):
@@ -204,22 +196,22 @@ def export(*args: str) -> int:
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3", pytest.param("ddp", marks=SLOW_VARIANT), pytest.param("zero2", marks=SLOW_VARIANT)])
 def test_final_adapter_loads_with_peft_and_gives_the_trained_logits(strategy, base, cache, tmp_path):
     run = lora_run(tmp_path, base, cache, strategy)
-    timed("final check", assert_final_is_the_trained_adapter, run, base)
+    assert_final_is_the_trained_adapter(run, base)
     # export of the last checkpoint writes the same adapter as final/
     from safetensors.torch import load_file
 
     out = tmp_path / "exported"
-    assert timed("export", export, str(run.run_dir / "checkpoints" / f"step-{STEPS}"), str(out)) == 0
+    assert export(str(run.run_dir / "checkpoints" / f"step-{STEPS}"), str(out)) == 0
     a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(run.run_dir / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "adapter_config.json").read_text()) == json.loads((run.run_dir / "final" / "adapter_config.json").read_text())
-    if strategy != "zero3":
+    if strategy != "fsdp":
         return
     # --merge: a plain transformers folder, base plus adapter
     from transformers import AutoModelForCausalLM
 
     merged_dir = tmp_path / "merged"
-    assert timed("merge", export, str(run.run_dir / "checkpoints" / f"step-{STEPS}"), str(merged_dir), "--merge") == 0
+    assert export(str(run.run_dir / "checkpoints" / f"step-{STEPS}"), str(merged_dir), "--merge") == 0
     assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert not any("lora" in k for k in merged.state_dict())
