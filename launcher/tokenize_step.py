@@ -116,6 +116,11 @@ def pretokenize(cfg: RunConfig) -> Tokenized:
         spec = text_spec(cfg)
         if not all(Path(p).is_file() for p in (*spec.paths, *spec.validation_paths)):
             run_child(["-m", "trainer.stdlib_instruct", str(stdlib_instruct_dir(cfg))])
+    # A cache hit whose key the launcher computes itself (local data and tokenizer) needs no child:
+    # the child imports transformers and datasets (seconds) only to find the same folder.
+    found = cached(cfg)
+    if found.folder:
+        return found
     m = cfg.model
     args = ["-m", "trainer.tokenized", "--cache-dir", str(cache_root(cfg)), "--tokenizer", m.tokenizer_source, "--spec", json.dumps(text_spec(cfg).key()), "--num-proc", str(cfg.data.num_proc)]
     if m.revision:
