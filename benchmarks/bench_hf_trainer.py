@@ -150,6 +150,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="windows dropped at the start of each run")
     p.add_argument("--rounds", type=int, default=2, help="ABBA pairs of runs per comparison")
     p.add_argument("--startup", type=int, default=3, help="start-up runs a side")
+    p.add_argument("--startup-only", action="store_true", help="measure the start-up only; keep the throughput figures of results/hf_trainer.json")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--cache", default="", help=argparse.SUPPRESS)
     p.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
@@ -165,10 +166,11 @@ def main() -> None:
         cache_home = work / "xdg"
         n = iter(range(10_000))
         # Warm the tokenized cache for both layouts (and read where it is).
-        plans = {packing: run_ours(work / f"warm-{next(n)}", cache_home, steps=1, window=1, packing=packing)[2] for packing in (False, True)}
+        layouts = (False,) if args.startup_only else (False, True)
+        plans = {packing: run_ours(work / f"warm-{next(n)}", cache_home, steps=1, window=1, packing=packing)[2] for packing in layouts}
         meta = {k: json.loads((Path(plan["data_cache"]) / "meta.json").read_text()) for k, plan in plans.items()}
         per_sample = meta[False]["tokens"]["train"] / meta[False]["samples"]["train"]
-        per_row = meta[True]["tokens"]["train"] / meta[True]["packed_samples"]["train"]
+        per_row = meta[True]["tokens"]["train"] / meta[True]["packed_samples"]["train"] if True in meta else 0.0
         cache = plans[False]["data_cache"]
 
         def measure(side: str, packing: bool) -> float:
@@ -189,45 +191,59 @@ def main() -> None:
                 print(f"{a} vs {b} round {r + 1}: {got[a]:.2f} vs {got[b]:.2f} per s", file=sys.stderr, flush=True)
             return pairs
 
-        padded = compare(("ours", False), ("trainer", False))
-        out["samples_per_s_padded"] = {
-            "ours": [round(x, 2) for x, _ in padded], "trainer": [round(y, 2) for _, y in padded],
-            "ratio_median": round(statistics.median(x / y for x, y in padded), 3), "ratios": [round(x / y, 3) for x, y in padded], "goal": ">= 1.0",
-        }
-        packed = compare(("ours", True), ("trainer", True))
-        ours_tok = [x * per_row for x, _ in packed]
-        trainer_padded_tok = [y * per_sample for _, y in padded]
-        trainer_packed_tok = [y * per_row for _, y in packed]
-        out["tokens_per_s_packed"] = {
-            "ours_packed": [round(x) for x in ours_tok], "trainer_padded": [round(x) for x in trainer_padded_tok], "trainer_on_prepacked_rows": [round(x) for x in trainer_packed_tok],
-            "ratio_over_trainer_padded": round(statistics.median(ours_tok) / statistics.median(trainer_padded_tok), 3),
-            "ratio_over_trainer_on_prepacked_rows_median": round(statistics.median(x / y for x, y in packed), 3),
-            "goal": ">= 1.5 (over Trainer padded: Trainer has no packing and TRL is not installed)",
-            "tokens_per_sample": round(per_sample, 2), "tokens_per_packed_row": round(per_row, 2), "seq_len": SEQ,
-        }
-        firsts: dict[str, list[float]] = {"ours": [], "trainer": []}
-        for r in range(args.startup):
-            for side in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
-                folder = work / f"start-{side}-{next(n)}"
-                if side == "ours":
-                    t0, marks, plan = run_ours(folder, cache_home, steps=1, window=1, packing=False)
-                    assert plan["tokenized"]["hit"]
-                else:
-                    t0, marks = run_trainer(folder, cache, steps=1, window=1, packing=False)
-                firsts[side].append(marks[1] - t0)
-            print(f"start-up round {r + 1}: ours {firsts['ours'][-1]:.1f}s trainer {firsts['trainer'][-1]:.1f}s", file=sys.stderr, flush=True)
+        if args.startup_only:
+            previous = json.loads((ROOT / "benchmarks" / "results" / "hf_trainer.json").read_text())["results"]
+            out.update({k: v for k, v in previous.items() if k != "command_to_first_step_s"})
+        else:
+            measure_throughput(out, compare, per_sample=per_sample, per_row=per_row)
+        firsts = startup(args, work, cache_home, cache, n)
         out["command_to_first_step_s"] = {
             "ours": [round(x, 2) for x in firsts["ours"]], "trainer": [round(x, 2) for x in firsts["trainer"]],
             "ratio": round(statistics.median(firsts["ours"]) / statistics.median(firsts["trainer"]), 3), "goal": "<= 1.0",
         }
     import transformers
 
-    command = f"python -m benchmarks.bench_hf_trainer --steps {args.steps} --window {args.window} --warmup {args.warmup} --rounds {args.rounds} --startup {args.startup}"
+    command = f"python -m benchmarks.bench_hf_trainer --steps {args.steps} --window {args.window} --warmup {args.warmup} --rounds {args.rounds} --startup {args.startup}" + (" --startup-only" if args.startup_only else "")
     record("hf_trainer", {
         "results": out, "transformers": transformers.__version__, "trl": "not installed: packed Trainer runs on ringleader's pre-packed rows",
         "setup": f"llama_tiny random init, stdlib_instruct chat, seq_len {SEQ}, {BATCH} per device x {NPROC} ranks x {ACCUM} accumulation, AdamW {LR} constant",
         "load_average_at_start": load_at_start, "seconds": round(time.perf_counter() - started), "command": command,
     })
+
+
+def measure_throughput(out: dict, compare, *, per_sample: float, per_row: float) -> None:
+    """Samples/s padded and tokens/s packed, ours against Trainer, into `out`."""
+    padded = compare(("ours", False), ("trainer", False))
+    out["samples_per_s_padded"] = {
+        "ours": [round(x, 2) for x, _ in padded], "trainer": [round(y, 2) for _, y in padded],
+        "ratio_median": round(statistics.median(x / y for x, y in padded), 3), "ratios": [round(x / y, 3) for x, y in padded], "goal": ">= 1.0",
+    }
+    packed = compare(("ours", True), ("trainer", True))
+    ours_tok = [x * per_row for x, _ in packed]
+    trainer_padded_tok = [y * per_sample for _, y in padded]
+    trainer_packed_tok = [y * per_row for _, y in packed]
+    out["tokens_per_s_packed"] = {
+        "ours_packed": [round(x) for x in ours_tok], "trainer_padded": [round(x) for x in trainer_padded_tok], "trainer_on_prepacked_rows": [round(x) for x in trainer_packed_tok],
+        "ratio_over_trainer_padded": round(statistics.median(ours_tok) / statistics.median(trainer_padded_tok), 3),
+        "ratio_over_trainer_on_prepacked_rows_median": round(statistics.median(x / y for x, y in packed), 3),
+        "goal": ">= 1.5 (over Trainer padded: Trainer has no packing and TRL is not installed)",
+        "tokens_per_sample": round(per_sample, 2), "tokens_per_packed_row": round(per_row, 2), "seq_len": SEQ,
+    }
+
+
+def startup(args: argparse.Namespace, work: Path, cache_home: Path, cache: str, n) -> dict[str, list[float]]:
+    firsts: dict[str, list[float]] = {"ours": [], "trainer": []}
+    for r in range(args.startup):
+        for side in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
+            folder = work / f"start-{side}-{next(n)}"
+            if side == "ours":
+                t0, marks, plan = run_ours(folder, cache_home, steps=1, window=1, packing=False)
+                assert plan["tokenized"]["hit"]
+            else:
+                t0, marks = run_trainer(folder, cache, steps=1, window=1, packing=False)
+            firsts[side].append(marks[1] - t0)
+        print(f"start-up round {r + 1}: ours {firsts['ours'][-1]:.1f}s trainer {firsts['trainer'][-1]:.1f}s", file=sys.stderr, flush=True)
+    return firsts
 
 
 if __name__ == "__main__":
