@@ -30,7 +30,13 @@ WITH_PROMPTS = (f"train.eval_prompts=[{','.join(json.dumps(p) for p in PROMPTS)}
 
 
 def env(cache: Path) -> dict[str, str]:
-    return launcher_env(XDG_CACHE_HOME=str(cache), **OFFLINE)
+    # Tokenized data goes to data.cache_dir (cached_args), not XDG_CACHE_HOME: DeepSpeed's
+    # JIT-built ops live under the user's cache, and a fresh one rebuilds them (minutes).
+    return launcher_env(**OFFLINE)
+
+
+def cached_args(cache: Path) -> tuple[str, ...]:
+    return (f"data.cache_dir={cache}",)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, cache):
-    return run_launcher(tmp_path_factory.mktemp("ddp") / "run", *ARGS, *WITH_PROMPTS, "strategy=ddp", env=env(cache))
+    return run_launcher(tmp_path_factory.mktemp("ddp") / "run", *ARGS, *cached_args(cache), *WITH_PROMPTS, "strategy=ddp", env=env(cache))
 
 
 def generation_events(run) -> list[dict]:
@@ -78,7 +84,7 @@ def check_generations(run) -> None:
 def test_prompts_are_completed_at_each_evaluation_and_leave_training_untouched(ddp_run, cache, tmp_path):
     check_generations(ddp_run)
     # The same run without prompts: the same losses, training and evaluation, bit for bit.
-    plain = run_launcher(tmp_path / "plain", *ARGS, "strategy=ddp", env=env(cache))
+    plain = run_launcher(tmp_path / "plain", *ARGS, *cached_args(cache), "strategy=ddp", env=env(cache))
     assert not generation_events(plain)
 
     def numbers(run):
@@ -104,7 +110,7 @@ def test_prompts_are_completed_at_each_evaluation_and_leave_training_untouched(d
 @pytest.mark.parametrize("strategy", ["zero3", pytest.param("fsdp", marks=SLOW_VARIANT)])
 def test_sharded_strategies_generate_on_every_rank_without_deadlock(strategy, cache, tmp_path):
     # ddp_timeout bounds a deadlock: a rank left alone in a collective ends the job instead of hanging.
-    run = run_launcher(tmp_path / "run", *ARGS, *WITH_PROMPTS, f"strategy={strategy}", "train.ddp_timeout=120", env=env(cache), timeout=400)
+    run = run_launcher(tmp_path / "run", *ARGS, *cached_args(cache), *WITH_PROMPTS, f"strategy={strategy}", "train.ddp_timeout=120", env=env(cache), timeout=400)
     check_generations(run)
 
 
