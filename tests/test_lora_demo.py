@@ -18,7 +18,7 @@ for _k, _v in OFFLINE.items():
 def test_demo_pretrains_then_lora_lowers_the_eval_loss_and_logs_generations(tmp_path: Path) -> None:
     env = launcher_env(XDG_CACHE_HOME=str(tmp_path / "cache"), **OFFLINE)
     pretrain = run_launcher(
-        tmp_path / "pretrain", "+demo=pretrain", "train.max_steps=30", "train.eval_strategy=no", "train.logging_steps=10",
+        tmp_path / "pretrain", "+demo=pretrain", "train.max_steps=10", "train.per_device_train_batch_size=8", "train.eval_strategy=no", "train.logging_steps=5",
         "data.kwargs.max_bytes=400000", env=env,
     )
     assert pretrain.result()["status"] == "completed" and (tmp_path / "pretrain" / "final" / "config.json").is_file()
