@@ -147,6 +147,15 @@ def test_deepspeed_checkpoint_holds_no_base_weights(runs, base, strategy):
     assert size < (base / "model.safetensors").stat().st_size / 2  # adapter + Adam state + fp32 master: a fraction of the base
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", ZERO2, "zero3"])
+def test_final_adapter_loads_with_peft_and_export_merges(runs, base, strategy, tmp_path):
+    """final/ is the trained adapter in peft's format, export writes the same, --merge (on the fsdp
+    run) a plain transformers folder: tests/test_lora_export.py's checks, on this file's runs."""
+    from tests.test_lora_export import check_final_and_export
+
+    check_final_and_export(runs[strategy], base, tmp_path, r=8, steps=4, merge=strategy == "fsdp")
+
+
 def test_interrupted_and_resumed_ends_bit_identical(runs, base, cache, tmp_path):
     """The fsdp run as if it had crashed after its step-2 checkpoint: the same command resumes
     (base from model.name_or_path on the meta device, the adapter and its optimizer from the

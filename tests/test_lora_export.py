@@ -1,8 +1,9 @@
 """LoRA adapters that load anywhere (issue 14 item 3): a LoRA run's final/ is the adapter in peft's
 format, loaded by `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)`
-with the trained model's logits, from the sharded strategies (fsdp, zero3; ddp and zero2 as slow
-variants); export of a mid-run checkpoint writes the same adapter, and with --merge a plain
-transformers folder whose logits are base plus adapter; the check of what was written catches the
+with the trained model's logits, from every strategy (ddp, fsdp, zero3; zero2 as a slow
+variant); export of a mid-run checkpoint writes the same adapter, and with --merge a plain
+transformers folder whose logits are base plus adapter (check_final_and_export, run by
+tests/test_lora.py on its one run per strategy); the check of what was written catches the
 empty and partial adapters ZeRO-3 tools have saved (peft #453/#1402, trl #4416, DeepSpeed #7900).
 2 CPU ranks, offline, a tiny random Llama saved as the pretrained base."""
 
@@ -17,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SLOW_VARIANT, launcher_env, run_launcher
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 for _k, _v in OFFLINE.items():
@@ -25,12 +25,6 @@ for _k, _v in OFFLINE.items():
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "trainer" / "assets" / "llama_tiny"
-STEPS = 2
-ARGS = (
-    "model=hf", "peft=lora", "peft.r=4", "peft.lora_alpha=8", "data=stdlib_instruct", "data.seq_len=64", f"train.max_steps={STEPS}",
-    "train.per_device_train_batch_size=2", "train.logging_steps=1", "train.eval_strategy=no", "train.eval_on_start=false",
-    "train.save_strategy=steps", f"train.save_steps={STEPS}", "optimizer.learning_rate=1e-2", "scheduler=constant",
-)
 IDS = torch.arange(5, 45).reshape(2, 20)
 
 
@@ -47,21 +41,6 @@ def base(tmp_path_factory) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, folder / f.name)
     return folder
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-# DeepSpeed builds its CPU shared-memory op once into torch's extension folder, which follows
-# XDG_CACHE_HOME: a fresh data cache must not make every run compile it again (minutes of C++).
-EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions")
-
-
-def lora_run(root: Path, base: Path, cache: Path, strategy: str):
-    env = launcher_env(XDG_CACHE_HOME=str(cache), TORCH_EXTENSIONS_DIR=EXTENSIONS, **OFFLINE)
-    return run_launcher(root / strategy, *ARGS, f"model.name_or_path={base}", f"strategy={strategy}", env=env, timeout=600)
 
 
 def adapted(base: Path, **peft: object):
@@ -161,30 +140,30 @@ def test_the_check_catches_an_empty_partial_or_zero_adapter_and_passes_a_good_on
 # -- real runs ------------------------------------------------------------------------------------
 
 
-def trained_model(base: Path, checkpoint: Path):
+def trained_model(base: Path, checkpoint: Path, *, r: int):
     """The model the run ended with, from its checkpoint's tensors (not through final/): the base
     with LoRA layers, the checkpoint's adapter tensors loaded by name."""
     from trainer.export import read_dcp_model, read_deepspeed_model
 
     weights = read_dcp_model(checkpoint / "dcp") if (checkpoint / "dcp").is_dir() else read_deepspeed_model(checkpoint)
-    model = adapted(base)
+    model = adapted(base, r=r, lora_alpha=2.0 * r)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names <= weights.keys()
     model.load_state_dict({n: weights[n] for n in names}, strict=False)
     return model.eval()
 
 
-def assert_final_is_the_trained_adapter(run, base: Path) -> None:
+def assert_final_is_the_trained_adapter(run, base: Path, *, r: int, steps: int) -> None:
     final = run.run_dir / "final"
     assert run.result()["status"] == "completed"
     files = sorted(p.name for p in final.iterdir())
     assert {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "tokenizer.json", ".ringleader-export"} <= set(files)
     assert "model.safetensors" not in files  # not the base weights
     config = json.loads((final / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(base) and config["r"] == 4 and config["peft_type"] == "LORA"
-    trained = trained_model(base, run.run_dir / "checkpoints" / f"step-{STEPS}")
+    assert config["base_model_name_or_path"] == str(base) and config["r"] == r and config["peft_type"] == "LORA"
+    trained = trained_model(base, run.run_dir / "checkpoints" / f"step-{steps}", r=r)
     assert torch.allclose(logits(loaded(base, final)), logits(trained), atol=1e-5, rtol=0)
-    assert not torch.allclose(logits(trained), logits(adapted(base).eval()), atol=1e-4)  # it did train
+    assert not torch.allclose(logits(trained), logits(adapted(base, r=r, lora_alpha=2.0 * r).eval()), atol=1e-4)  # it did train
 
 
 def export(*args: str) -> int:
@@ -193,29 +172,31 @@ def export(*args: str) -> int:
     return main(["export", *args])
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3", pytest.param("ddp", marks=SLOW_VARIANT), pytest.param("zero2", marks=SLOW_VARIANT)])
-def test_final_adapter_loads_with_peft_and_gives_the_trained_logits(strategy, base, cache, tmp_path):
-    run = lora_run(tmp_path, base, cache, strategy)
-    assert_final_is_the_trained_adapter(run, base)
-    # export of the last checkpoint writes the same adapter as final/
+def check_final_and_export(run, base: Path, tmp_path: Path, *, r: int, steps: int, merge: bool) -> None:
+    """What a LoRA run of any strategy must leave: final/ is the trained adapter, loaded by peft;
+    export of the last checkpoint writes the same adapter; with `merge`, export --merge writes a
+    plain transformers folder whose logits are base plus adapter. tests/test_lora.py calls this on
+    its one run per strategy (the runs are shared, not made twice)."""
+    assert_final_is_the_trained_adapter(run, base, r=r, steps=steps)
     from safetensors.torch import load_file
 
+    checkpoint = run.run_dir / "checkpoints" / f"step-{steps}"
     out = tmp_path / "exported"
-    assert export(str(run.run_dir / "checkpoints" / f"step-{STEPS}"), str(out)) == 0
+    assert export(str(checkpoint), str(out)) == 0
     a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(run.run_dir / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "adapter_config.json").read_text()) == json.loads((run.run_dir / "final" / "adapter_config.json").read_text())
-    if strategy != "fsdp":
+    if not merge:
         return
     # --merge: a plain transformers folder, base plus adapter
     from transformers import AutoModelForCausalLM
 
     merged_dir = tmp_path / "merged"
-    assert export(str(run.run_dir / "checkpoints" / f"step-{STEPS}"), str(merged_dir), "--merge") == 0
+    assert export(str(checkpoint), str(merged_dir), "--merge") == 0
     assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert not any("lora" in k for k in merged.state_dict())
     assert torch.allclose(logits(merged), logits(loaded(base, run.run_dir / "final")), atol=1e-5, rtol=0)
     # re-export into the same folder without --merge: the merged weights go, the adapter comes
-    assert export(str(run.run_dir / "checkpoints" / f"step-{STEPS}"), str(merged_dir)) == 0
+    assert export(str(checkpoint), str(merged_dir)) == 0
     assert (merged_dir / "adapter_config.json").is_file() and not (merged_dir / "model.safetensors").exists()
