@@ -40,10 +40,11 @@ EFFECTIVE_BATCH = "effective batch (train.per_device_train_batch_size x world si
 
 
 def flatten(node: Any, prefix: str = "", *, whole: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists, empty dicts and the sections named in `whole` stay values.
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists, empty dicts below the top and the sections named in
+    `whole` stay values (an empty dict at the top flattens to nothing: no key is ever "").
     The one flattening of nested config (config changes, DeepSpeed's user keys, trackers' parameters)."""
     key = prefix.rstrip(".")
-    if isinstance(node, dict) and node and key not in whole:
+    if isinstance(node, dict) and (node or not key) and key not in whole:
         out: dict[str, Any] = {}
         for name, value in node.items():
             out.update(flatten(value, f"{prefix}{name}.", whole=whole))
