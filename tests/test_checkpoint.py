@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.checkpoint_tools import assert_same_tensors, checkpoint_steps, flip_byte, job, log_of, plant_code_in_metadata, read_dcp, train_losses
-from tests.conftest import launcher_env, run_launcher
+from tests.conftest import SLOW_VARIANT, launcher_env, run_launcher
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.loop import LoopState
 
@@ -204,6 +204,7 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout_naming_it(tmp_path):
     assert all(e["step_time_s"] > 0 and e["slowest_rank"] in (0, 1) for e in steps)
 
 
+@SLOW_VARIANT  # resumes on another world size run by default in test_loop_holes (more ranks), test_lora and test_hf_resume (2 -> 1)
 def test_resume_on_another_world_size_continues_the_same_losses(tmp_path):
     """2 ranks -> 1 rank -> 2 ranks, 8 samples a step throughout (4 x 2 ranks, or 4 x 2
     accumulation on 1): the step after each resume has the loss the uninterrupted run had, to

@@ -123,6 +123,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_and_export_is_a_from_pretr
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "reference" / "final" / "tokenizer.json").read_bytes()
 
 
+@SLOW_VARIANT  # tests/test_lora.py's fsdp run streams a pretrained base onto the meta device and matches ddp; tests/test_hf_model.py the meta build
 def test_fine_tune_pretrained_weights_under_fsdp_loads_on_meta_and_matches_ddp(ddp_run, cache, tmp_path):
     """model=hf from a from_pretrained folder: fsdp builds on the meta device and streams rank 0's
     safetensors into the shards; its first losses equal DDP's, which loads in full on each rank."""

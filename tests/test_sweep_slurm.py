@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, SLOW_VARIANT, TINY
 from tests.slurm_cluster import LocalSlurmCluster
 from tests.test_slurm import cluster, slurm_env, state, wait_for  # noqa: F401  (cluster: the module's own cluster)
 
@@ -126,6 +126,7 @@ def test_submitit_slurm_launcher_runs_each_trial_as_a_two_node_run(cluster: Loca
         assert value.return_value != value.return_value  # NaN
 
 
+@SLOW_VARIANT  # test_submitit_slurm_launcher_runs_each_trial_as_a_two_node_run runs the same launcher path across nodes
 def test_submitit_slurm_launcher_on_one_node_runs_torchrun_there(cluster: LocalSlurmCluster, tmp_path: Path) -> None:
     """hydra.launcher.nodes=1: the trial's one task runs torchrun on its node with the plan's 2
     ranks (a local run inside the allocation, no second sbatch). Meanwhile, beside it, a sweep with

@@ -53,6 +53,9 @@ OPTIMIZERS = [
 ]
 
 
+# Slow variant: tests/test_loss.py runs 2 ranks x accumulation against one process on the whole batch
+# on every strategy (token-exact), and tests/test_trainer_parity.py a 2-rank run against one process.
+@SLOW_VARIANT
 @pytest.mark.parametrize(("optimizer", "tol"), OPTIMIZERS)
 def test_two_ranks_equal_one_rank_with_double_batch(optimizer, tol, tmp_path):
     """DDP: 2 ranks with batch B end with the weights of 1 rank with batch 2B (fp32, CPU)."""
@@ -67,6 +70,7 @@ def test_two_ranks_equal_one_rank_with_double_batch(optimizer, tol, tmp_path):
         rel_close(untrained.weights(), one.weights(), 1e-6)
 
 
+@SLOW_VARIANT  # as above: tests/test_loss.py checks accumulation against one larger batch on every strategy
 @pytest.mark.parametrize(("optimizer", "tol"), OPTIMIZERS)
 def test_accumulation_equals_one_larger_batch(optimizer, tol, tmp_path):
     acc = run_launcher(tmp_path / "acc", *TINY, *optimizer, "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2")
@@ -77,7 +81,9 @@ def test_accumulation_equals_one_larger_batch(optimizer, tol, tmp_path):
     assert a == pytest.approx(b, rel=1e-6)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant_with_warmup"])
+# One real run per behaviour: every schedule is checked against transformers step by step in
+# process (tests/test_schedulers.py); cosine runs for real here, the others as slow variants.
+@pytest.mark.parametrize("schedule", [pytest.param("linear", marks=SLOW_VARIANT), "cosine", pytest.param("constant_with_warmup", marks=SLOW_VARIANT)])
 def test_learning_rate_schedule_matches_transformers(schedule, tmp_path):
     transformers = pytest.importorskip("transformers")
     run = run_launcher(tmp_path / "run", *TINY, f"scheduler={schedule}", "train.max_steps=12", "scheduler.warmup_steps=0", "scheduler.warmup_ratio=0.25", "optimizer.learning_rate=0.01", "cluster.nproc_per_node=1")
