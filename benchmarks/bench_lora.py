@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_memory import DS_KNOBS, malloc_in_use, storage_bytes
+from benchmarks.bench_memory import DS_KNOBS, malloc_in_use, storage_bytes, two_steps
 from benchmarks.common import ROOT, env, record, run
 
 LARGER = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64}
@@ -117,20 +117,7 @@ def worker(base: str) -> None:
             model = build_model(cfg.model, strategy=strategy_name, seed=0, deepspeed=ds_config, peft=cfg.peft)
             strategy = build_strategy(strategy_name, cfg=cfg, device=torch.device("cpu"))
             strategy.setup(model, total_steps=10, warmup_steps=0)
-            x = torch.randint(0, 4096, (2, 64))
-            for step in range(2):
-                loss = strategy.forward(x, x, sync=True)
-                strategy.backward(loss)
-                if step == 1:
-                    gc.collect()
-                    held = malloc_in_use() - before
-                    module = getattr(strategy.model, "module", strategy.model)
-                    params = list(module.parameters())
-                    p_bytes = storage_bytes([getattr(p, "ds_tensor", p) for p in params])
-                    g_bytes = storage_bytes([p.grad for p in params])
-                    zero_grads = getattr(strategy.optimizer, "grad_partitions_flat_buffer", None)  # ZeRO-3's gradient partitions
-                    g_bytes += storage_bytes([zero_grads]) if zero_grads is not None else 0
-                strategy.step()
+            held, params, p_bytes, g_bytes = two_steps(strategy, 4096, before, zero_grad_partitions=True)
             opt = strategy.optimizer
             if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: fp32 partitions + the inner optimizer's moments
                 o_bytes = tensor_bytes(list(opt.fp32_partitioned_groups_flat)) + tensor_bytes(dict(opt.optimizer.state))

@@ -60,6 +60,32 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def two_steps(strategy, vocab_size: int, before: int, *, zero_grad_partitions: bool = False) -> tuple[int, list, int, int]:
+    """Two training steps on random tokens, measured after the second backward and before its
+    optimizer step (gradients alive): the heap held since `before`, the parameters, their bytes
+    (ZeRO-3's partitions) and their gradients' bytes (with `zero_grad_partitions`, ZeRO-3's flat
+    gradient partitions too). bench_lora measures the same way."""
+    import torch
+
+    x = torch.randint(0, vocab_size, (2, 64))
+    held = p_bytes = g_bytes = 0
+    params: list = []
+    for step in range(2):
+        loss = strategy.forward(x, x, sync=True)
+        strategy.backward(loss)
+        if step == 1:
+            gc.collect()
+            held = malloc_in_use() - before
+            module = getattr(strategy.model, "module", strategy.model)
+            params = list(module.parameters())
+            p_bytes = storage_bytes([getattr(p, "ds_tensor", p) for p in params])
+            g_bytes = storage_bytes([p.grad for p in params])
+            zero_grads = getattr(strategy.optimizer, "grad_partitions_flat_buffer", None) if zero_grad_partitions else None
+            g_bytes += storage_bytes([zero_grads]) if zero_grads is not None else 0
+        strategy.step()
+    return held, params, p_bytes, g_bytes
+
+
 def worker(precision: str) -> None:
     import torch
     import torch.distributed as dist
@@ -88,18 +114,7 @@ def worker(precision: str) -> None:
         model = build_model(cfg.model)
         strategy = build_strategy(name, cfg=cfg, device=torch.device("cpu"))
         strategy.setup(model, total_steps=10, warmup_steps=0)
-        x = torch.randint(0, cfg.model.vocab_size, (2, 64))
-        for step in range(2):
-            loss = strategy.forward(x, x, sync=True)
-            strategy.backward(loss)
-            if step == 1:
-                gc.collect()
-                held = malloc_in_use() - before
-                module = getattr(strategy.model, "module", strategy.model)
-                params = list(module.parameters())
-                p_bytes = storage_bytes([getattr(p, "ds_tensor", p) for p in params])
-                g_bytes = storage_bytes([p.grad for p in params])
-            strategy.step()
+        held, params, p_bytes, g_bytes = two_steps(strategy, cfg.model.vocab_size, before)
         psi = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in params)
         est = estimate(cfg, world_size=world)
         plan_states = (est.per_rank["parameters"] + est.per_rank["gradients"] + est.per_rank["optimizer"]) * 1e9
