@@ -10,7 +10,8 @@ Loading, by strategy (HFModelSpec.load_plan):
                 shards with broadcast_from_rank0: one copy on the node, in the page cache.
   zero3         build inside deepspeed.zero.Init (transformers does it in from_pretrained while an
                 HfDeepSpeedConfig for stage 3 is alive): parameters are partitioned as created.
-                Not wired yet: the signature is `build_causal_lm(spec, init="zero3", ds_config=...)`.
+                Wired in trainer/build.py: zero3_pretrained (pretrained weights) and zero3_random
+                (random weights: rank 0 makes the seeded values and copies them into the partitions).
 """
 
 from __future__ import annotations
