@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_memory import DS_KNOBS, malloc_in_use, storage_bytes, two_steps
+from benchmarks.bench_memory import DS_KNOBS, malloc_in_use, publish, storage_bytes, two_steps
 from benchmarks.common import ROOT, env, record, run
 
 LARGER = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64}
@@ -95,7 +95,7 @@ def worker(base: str) -> None:
     import deepspeed  # its import and communication set-up stay outside the measured window
 
     deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     torch.set_num_threads(1)
     for strategy_name in ("ddp", "zero3"):
         for method in METHODS:
@@ -128,16 +128,9 @@ def worker(base: str) -> None:
             est = estimate(cfg, world_size=world)
             # LoRA: the frozen base's weights, then the adapter's parameters, gradients and optimizer states.
             plan_states = sum(est.per_rank.get(k, 0.0) for k in ("frozen_parameters", "parameters", "gradients", "optimizer")) * 1e9
-            row = torch.tensor([held, p_bytes, g_bytes, o_bytes], dtype=torch.float64)
-            rows = [torch.zeros_like(row) for _ in range(world)]
-            dist.all_gather(rows, row)
-            if rank == 0:
-                print("MEM " + json.dumps({
-                    "strategy": strategy_name, "peft": method, "parameters": total, "trainable": trainable, "plan_bytes": plan_states,
-                    "plan_per_rank_gb": est.per_rank, "per_rank": [r.tolist() for r in rows],
-                }), flush=True)
-            if hasattr(strategy, "engine"):
-                strategy.engine.destroy()
+            publish([held, p_bytes, g_bytes, o_bytes], {
+                "strategy": strategy_name, "peft": method, "parameters": total, "trainable": trainable, "plan_bytes": plan_states, "plan_per_rank_gb": est.per_rank,
+            }, strategy)
             del strategy, model, params
             gc.collect()
             dist.barrier()

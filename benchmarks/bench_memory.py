@@ -86,6 +86,22 @@ def two_steps(strategy, vocab_size: int, before: int, *, zero_grad_partitions: b
     return held, params, p_bytes, g_bytes
 
 
+def publish(values: list[float], record: dict, strategy) -> None:
+    """Every rank's measured values gathered to rank 0, which prints them with `record` as one
+    "MEM {json}" line (the parent reads those); then the strategy's DeepSpeed engine, if any, is
+    destroyed so that the next measurement starts from nothing. bench_lora publishes the same way."""
+    import torch
+    import torch.distributed as dist
+
+    row = torch.tensor(values, dtype=torch.float64)
+    rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, row)
+    if dist.get_rank() == 0:
+        print("MEM " + json.dumps({**record, "per_rank": [r.tolist() for r in rows]}), flush=True)
+    if hasattr(strategy, "engine"):
+        strategy.engine.destroy()
+
+
 def worker(precision: str) -> None:
     import torch
     import torch.distributed as dist
@@ -99,7 +115,7 @@ def worker(precision: str) -> None:
     import deepspeed  # its import and communication set-up stay outside the measured window
 
     deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     torch.set_num_threads(1)
     for name in STRATEGIES:
         overrides = [f"strategy={name}", "model=gpt_small", "data.seq_len=64", "train.per_device_train_batch_size=2", "train.output_dir=/unused", "+hw=cpu"]
@@ -118,13 +134,7 @@ def worker(precision: str) -> None:
         psi = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in params)
         est = estimate(cfg, world_size=world)
         plan_states = (est.per_rank["parameters"] + est.per_rank["gradients"] + est.per_rank["optimizer"]) * 1e9
-        row = torch.tensor([held, p_bytes, g_bytes], dtype=torch.float64)
-        rows = [torch.zeros_like(row) for _ in range(world)]
-        dist.all_gather(rows, row)
-        if rank == 0:
-            print("MEM " + json.dumps({"strategy": name, "precision": precision, "parameters": psi, "plan_bytes": plan_states, "per_rank": [r.tolist() for r in rows]}), flush=True)
-        if hasattr(strategy, "engine"):
-            strategy.engine.destroy()
+        publish([held, p_bytes, g_bytes], {"strategy": name, "precision": precision, "parameters": psi, "plan_bytes": plan_states}, strategy)
         del strategy, model, params
         gc.collect()
         dist.barrier()
