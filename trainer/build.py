@@ -16,8 +16,9 @@ GPT_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropou
 
 
 def zero3_pretrained(spec, ds_config: dict) -> nn.Module:
-    """from_pretrained under ZeRO-3: the HfDeepSpeedConfig makes transformers build inside
-    deepspeed.zero.Init and load each weight into its partitions. It stays alive with the model:
+    """Pretrained weights under ZeRO-3: built inside deepspeed.zero.Init (the HfDeepSpeedConfig
+    turns it on), rank 0 reading each weight into its partitions (hf_model.zero3_load_pretrained;
+    transformers' from_pretrained where that cannot serve). It stays alive with the model:
     transformers asks it whether ZeRO-3 is on while training (embedding resizes, generation)."""
     import deepspeed
     import torch.distributed as dist
@@ -27,7 +28,7 @@ def zero3_pretrained(spec, ds_config: dict) -> nn.Module:
 
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo", dist_init_required=False)
     keep = HfDeepSpeedConfig(dict(ds_config))
-    model = build_causal_lm(spec, init="full")
+    model = build_causal_lm(spec, init="zero3")
     setattr(model, "ringleader_hf_deepspeed", keep)  # kept alive with the model (zero.Init reads it)
     params = list(model.parameters())
     held, total = sum(getattr(p, "ds_tensor", p).numel() for p in params), sum(getattr(p, "ds_numel", p.numel()) for p in params)

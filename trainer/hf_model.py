@@ -6,17 +6,23 @@ Loading, by strategy (HFModelSpec.load_plan):
   ddp           every rank calls from_pretrained: one full copy per rank, as DDP needs anyway.
   fsdp          every rank builds the model on the meta device (no memory), the strategy shards
                 it (fully_shard per decoder layer), `materialize` allocates each rank's shards,
-                and `load_full_state_dict` streams rank 0's safetensors (memory-mapped) into the
-                shards with broadcast_from_rank0: one copy on the node, in the page cache.
-  zero3         build inside deepspeed.zero.Init (transformers does it in from_pretrained while an
-                HfDeepSpeedConfig for stage 3 is alive): parameters are partitioned as created.
+                and `load_full_state_dict` streams rank 0's safetensors into the shards one
+                tensor at a time (read with pread, trainer/safetensors_reader.py: no memory map).
+  zero3         build inside deepspeed.zero.Init (transformers' own construction context while an
+                HfDeepSpeedConfig for stage 3 is alive): parameters are partitioned as created;
+                then `zero3_load_pretrained` fills them one parameter at a time, gathered with rank
+                0 as the modifier, rank 0 reading each tensor straight into it. Checkpoints whose
+                names or shapes differ from the model (transformers' key conversions), remote
+                code and quantised bases take transformers' own ZeRO-3 from_pretrained instead.
                 Wired in trainer/build.py: zero3_pretrained (pretrained weights) and zero3_random
                 (random weights: rank 0 makes the seeded values and copies them into the partitions).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -86,12 +92,20 @@ def load_config(spec: HFModelSpec):
 def build_causal_lm(spec: HFModelSpec, *, init: str = "full", seed: int = 0):
     """The model. init="full": real tensors (pretrained weights, or random ones seeded by `seed`);
     init="meta": parameters on the meta device, for a strategy that shards first and then calls
-    materialize() and load_full_state_dict()."""
+    materialize() and load_full_state_dict(); init="zero3" (pretrained weights, an HfDeepSpeedConfig
+    for stage 3 alive): partitioned as built, filled by zero3_load_pretrained (transformers' own
+    ZeRO-3 from_pretrained where that cannot serve)."""
     from transformers import AutoModelForCausalLM
 
     spec.check()
     cfg = load_config(spec)
     dtype = DTYPES[spec.dtype]
+    if init == "zero3":
+        loaded = zero3_load_pretrained(spec, cfg, dtype) if spec.name_or_path and spec.quantization is None else None
+        if loaded is not None:
+            loaded.config.use_cache = False
+            return loaded
+        init = "full"  # transformers' ZeRO-3 from_pretrained (rank 0 holds the whole state dict while it loads)
     if init == "meta":
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=spec.trust_remote_code)
@@ -179,9 +193,16 @@ def materialize(model: nn.Module, device: torch.device) -> None:
             module._buffers[n] = fresh._buffers[n]
 
 
-def weight_files(name_or_path: str) -> list[Path]:
-    """The safetensors files of a local model folder (one file or an index's shards)."""
-    folder = Path(os.path.expanduser(name_or_path))
+def model_folder(name_or_path: str, *, revision: str = "") -> Path:
+    """A model's folder: the local one, or a hub id's cached snapshot."""
+    from launcher.hf_config import source_folder
+
+    return source_folder(name_or_path, revision=revision) or Path(os.path.expanduser(name_or_path))
+
+
+def weight_files(name_or_path: str, *, revision: str = "") -> list[Path]:
+    """The safetensors files of a model folder (one file or an index's shards)."""
+    folder = model_folder(name_or_path, revision=revision)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
@@ -193,14 +214,17 @@ def weight_files(name_or_path: str) -> list[Path]:
 
 def load_full_state_dict(model: nn.Module, name_or_path: str | None, *, rename: Callable[[str], str | None] | None = None, initial: Mapping[str, torch.Tensor] | None = None) -> None:
     """Fill a materialised (possibly FSDP2-sharded) model from rank 0's safetensors files, one
-    tensor at a time: rank 0 reads it from the memory-mapped file, every rank receives it and keeps
-    its shard (distribute_tensor scatters from rank 0). Peak extra memory per rank: the largest
-    tensor, not the model (torch's set_model_state_dict(broadcast_from_rank0) peaked ~0.9x the
-    weights higher on rank 1 for an 88 M-parameter Llama on 2 ranks). Other ranks pass None; they know names and shapes from their own
+    tensor at a time: rank 0 reads it with file reads into a buffer of its size (no memory map:
+    trainer/safetensors_reader.py), every rank receives it and keeps its shard (distribute_tensor
+    scatters from rank 0), the buffer goes. Peak extra memory per rank: the largest tensor, not the
+    model (torch's set_model_state_dict(broadcast_from_rank0) peaked ~0.9x the weights higher on
+    rank 1 for an 88 M-parameter Llama on 2 ranks; safetensors' memory map kept the whole file in
+    rank 0's resident set). Other ranks pass None; they know names and shapes from their own
     meta-built model. Needs the process group when the world is larger than 1."""
     import torch.distributed as dist
-    from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from trainer.safetensors_reader import SafetensorsReader
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank0 = world == 1 or dist.get_rank() == 0
@@ -209,15 +233,13 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None, *, rename: 
     # which `initial` (rank 0's) gives instead: a LoRA model's adapters (trainer/lora.py).
     source = {k: rename(k) for k in targets} if rename is not None else {k: k for k in targets}
     initial = dict(initial or {})
-    where: dict[str, Any] = {}
+    reader: SafetensorsReader | None = None
     problem = ""
     if rank0:
         assert name_or_path is not None
-        for f in weight_files(name_or_path):
-            handle = safe_open(str(f), framework="pt")
-            where.update({k: handle for k in handle.keys()})
+        reader = SafetensorsReader(weight_files(name_or_path))
         tied = getattr(model.config, "tie_word_embeddings", False)
-        missing = [k for k, src in source.items() if src is not None and src not in where and not (tied and src.endswith("lm_head.weight"))]
+        missing = [k for k, src in source.items() if src is not None and src not in reader and not (tied and src.endswith("lm_head.weight"))]
         if missing:
             problem = f"model.name_or_path: {name_or_path} lacks {len(missing)} weights of {type(model).__name__} (e.g. {missing[0]}); is it the same architecture as its config.json?"
     if world > 1:
@@ -227,27 +249,134 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None, *, rename: 
     if problem:
         raise ValueError(problem)
     embed = next((src for src in source.values() if src is not None and src.endswith("embed_tokens.weight")), "")
-    with torch.no_grad():
-        for name, target in targets.items():
-            local = target.to_local() if isinstance(target, DTensor) else target
-            src = source[name]
-            if rank0 and src is None:
-                full = initial[name].to(dtype=local.dtype, device=local.device)
-            elif rank0:
-                src = src if src in where else embed
-                full = where[src].get_tensor(src).to(dtype=local.dtype, device=local.device)
-            else:
-                full = torch.empty(target.shape, dtype=local.dtype, device=local.device)
-            if isinstance(target, DTensor):
-                target.copy_(distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=0))
-            else:
-                if world > 1:
-                    dist.broadcast(full, src=0)
-                target.copy_(full)
-            del full
+    try:
+        with torch.no_grad():
+            for name, target in targets.items():
+                local = target.to_local() if isinstance(target, DTensor) else target
+                src = source[name]
+                if rank0 and src is None:
+                    full = initial[name].to(dtype=local.dtype, device=local.device)
+                elif rank0:
+                    assert reader is not None and src is not None
+                    full = reader.read(src if src in reader else embed, dtype=local.dtype).to(local.device)
+                else:
+                    full = torch.empty(target.shape, dtype=local.dtype, device=local.device)
+                if isinstance(target, DTensor):
+                    target.copy_(distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=0))
+                else:
+                    if world > 1:
+                        dist.broadcast(full, src=0)
+                    target.copy_(full)
+                del full
+    finally:
+        if reader is not None:
+            reader.close()
     tie_weights = getattr(model, "tie_weights", None)
     if tie_weights is not None:
         tie_weights()
+
+
+def zero3_load_pretrained(spec: HFModelSpec, cfg: Any, dtype: torch.dtype) -> Any:
+    """Pretrained weights under ZeRO-3 (an HfDeepSpeedConfig for stage 3 alive, the process group
+    up), without transformers' ZeRO-3 loader, whose rank 0 holds the whole state dict while it
+    loads (2.3x one copy of the weights on the node for an 88 M-parameter Llama on 2 ranks).
+    Every rank builds the model in transformers' own construction context for from_pretrained
+    (deepspeed.zero.Init, weight init skipped, buffers' dtypes kept): each parameter is
+    partitioned as its module is made. Then one parameter at a time: gathered with rank 0 as the
+    modifier (every rank holds that one tensor in full for a moment), rank 0 reads the file's
+    tensor straight into it (trainer/safetensors_reader.py), DeepSpeed broadcasts and partitions
+    it again. Persistent buffers (not partitioned) are read by rank 0 and broadcast.
+    Returns None, on every rank alike, where this cannot load the file faithfully: no local
+    safetensors, remote code, or a checkpoint whose names or shapes are not the model's (the
+    conversions from_pretrained applies); the caller then uses from_pretrained."""
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.modeling_utils import patch_output_recorders
+    from transformers.models.auto.auto_factory import _get_model_class
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils.generic import ContextManagers
+
+    from trainer.safetensors_reader import SafetensorsReader
+
+    log = logging.getLogger("ringleader")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank0 = world == 1 or dist.get_rank() == 0
+
+    def agreed(value: str) -> str:  # rank 0's word, on every rank
+        if world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    cls: Any = None
+    if not spec.trust_remote_code and type(cfg) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        cls = _get_model_class(cfg, MODEL_FOR_CAUSAL_LM_MAPPING)  # what AutoModelForCausalLM picks
+    if cls is None:
+        log.info("zero3: %s has no built-in transformers class; transformers' ZeRO-3 from_pretrained loads it", spec.name_or_path)
+        return None
+    reader: SafetensorsReader | None = None
+    problem = ""
+    if rank0:
+        try:
+            reader = SafetensorsReader(weight_files(spec.name_or_path, revision=spec.revision))
+        except (ValueError, OSError) as e:
+            problem = str(e)
+    if problem := agreed(problem):
+        log.info("zero3: %s; transformers' ZeRO-3 from_pretrained loads it", problem)
+        return None
+    cfg = copy.deepcopy(cfg)
+    cfg.dtype = dtype  # as from_pretrained(dtype=) records it (config.json of final/)
+    cfg.name_or_path = spec.name_or_path
+    try:
+        with ContextManagers(cls.get_init_context(dtype, False, False, False)):
+            model = cls(cfg)
+            patch_output_recorders(model)
+        model.tie_weights()  # the init context defers tying; tied parameters are loaded once
+        groups: dict[int, tuple[list[str], torch.Tensor]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), ([], p))[0].append(name)
+        persistent = set(model.state_dict().keys())
+        buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
+        keys: list[str] = []  # rank 0: the file's key for each parameter, in the model's order
+        if rank0:
+            assert reader is not None
+            for names, p in groups.values():
+                shape = tuple(getattr(p, "ds_shape", p.shape))
+                key = next((n for n in names if n in reader), None)
+                if key is None or reader.shape(key) != shape:
+                    problem = f"{spec.name_or_path}: {names[0]} is {'not in the file' if key is None else f'{list(reader.shape(key))} in the file, {list(shape)} in the model'}"
+                    break
+                keys.append(key)
+        if problem := agreed(problem):
+            log.info("zero3: %s (a checkpoint transformers converts as it loads); transformers' ZeRO-3 from_pretrained loads it", problem)
+            return None
+        with torch.no_grad():
+            for i, (names, p) in enumerate(groups.values()):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if rank0:
+                        assert reader is not None
+                        reader.read(keys[i], out=p.data)
+            for name, buf in buffers:
+                found = agreed("yes" if rank0 and reader is not None and name in reader else "")
+                if found:
+                    if rank0:
+                        assert reader is not None
+                        reader.read(name, out=buf)
+                    if world > 1:
+                        dist.broadcast(buf, src=0)
+    finally:
+        if reader is not None:
+            reader.close()
+    if rank0:
+        log.info("zero3: rank 0 read %d tensors of %s into the partitions, one at a time", len(keys), spec.name_or_path)
+    model.eval()  # as from_pretrained leaves it
+    folder = model_folder(spec.name_or_path, revision=spec.revision)
+    if model.can_generate() and (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 # ---------------------------------------------------------------- final/
