@@ -132,6 +132,11 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
         plan.tokenized = dataclasses.asdict(tokenized)
     elif unknown:
         plan.warnings.append("samples: known after tokenization (a dry run tokenizes nothing); steps from train.max_steps only")
+    if t.save_only_model:
+        plan.warnings.append(
+            "train.save_only_model: checkpoints hold the model only; a resume from one (train.resume, a restart or requeue) "
+            "restarts the optimizer and is not exact (it says so in the log); set it to false for exact resumes"
+        )
     if cfg.strategy.is_deepspeed:
         plan.deepspeed = deepspeed_config(cfg, world_size=world)
     plan.memory, memory_warnings = plan_memory(cfg, world_size=world)

@@ -463,6 +463,12 @@ class TrainConfig:
     save_steps: float = 500
     save_total_limit: int = 0  # 0: keep all
     save_async: bool = False
+    # Trainer's save_only_model: a checkpoint holds the model's weights (a LoRA run's: the adapter)
+    # and the loop's position, not the optimizer, scaler or RNG state; smaller, and export and
+    # load_best_model_at_end work from it. A resume from one (train.resume, an elastic restart, a
+    # requeue) cannot be exact: it loads the weights, the data position and the schedule's step,
+    # restarts the optimizer, and says so in the log and metrics.jsonl (trainer/checkpoint.py).
+    save_only_model: bool = False
     load_best_model_at_end: bool = False
     metric_for_best_model: str = "eval_loss"
     greater_is_better: bool | None = None  # None: False for *loss metrics

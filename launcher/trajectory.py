@@ -26,7 +26,7 @@ IGNORED = frozenset({
     "dry_run",
     "train.output_dir", "train.logging_dir", "train.report_to", "train.run_name", "train.logging_steps", "train.logging_first_step",
     "train.resume", "train.overwrite_output_dir", "train.resume_with_changed_config",
-    "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.save_async", "train.export_final",
+    "train.save_strategy", "train.save_steps", "train.save_total_limit", "train.save_async", "train.save_only_model", "train.export_final",
     "train.eval_strategy", "train.eval_steps", "train.eval_max_batches", "train.eval_on_start", "train.eval_prompts", "train.eval_max_new_tokens", "train.per_device_eval_batch_size",
     "train.evaluation_strategy", "train.eval_delay", "train.compute_metrics", "train.include_num_input_tokens_seen",
     "train.ddp_backend", "train.ddp_timeout",

@@ -19,6 +19,16 @@ truncated, missing or corrupt file is named before any state is touched. Nothing
 JSON, safetensors, and DCP through safe_dcp. The manager calls the strategy's save_state and
 load_state (staged_state and write_state for an asynchronous save, where the strategy can stage), so DeepSpeed's own sharded
 format goes through the same marker, retention and resume logic.
+
+train.save_only_model (Trainer's): a checkpoint holds the model's weights, trainer_state.json (the
+loop's position, and the schedule's step) and the config; no optimizer, scaler or RNG state.
+Loading one for the best model at the end loads the weights. Resuming from one (train.resume, an
+elastic restart, a requeue) cannot be the exact resume a full checkpoint gives, and says so: one
+warning line in the log and a note in metrics.jsonl's resume event. It loads the weights, the
+data position and the schedule's step; the optimizer starts afresh, as in Trainer, which resumes
+such a checkpoint quietly with a new optimizer and a schedule from its first step again. It is not
+refused: ringleader resumes by itself after a crash or a requeue, and losing the run's progress
+there would be worse than a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -133,6 +143,8 @@ class CheckpointManager:
         # A process group of its own (gloo) lets an asynchronous save run its collectives in a
         # thread while training uses the default group.
         self.group = process_group
+        # train.save_only_model: checkpoints of the model only (see the module's docstring).
+        self.model_only = bool(((config or {}).get("train") or {}).get("save_only_model", False))
         self.pending: threading.Thread | None = None
         self.pending_error: BaseException | None = None
         self._base: dict[str, Any] | None = None  # a LoRA run's base weights: base_identity, taken once
@@ -172,7 +184,7 @@ class CheckpointManager:
             return None
         if resume != "auto":
             path = Path(resume)
-            return path, self.load(path, strategy)
+            return path, self.noted(path, self.load(path, strategy))
         candidates = list(reversed(self.complete()))
         problems = []
         for step, path in candidates:
@@ -184,10 +196,22 @@ class CheckpointManager:
                 continue
             if problems:
                 log.warning("resume=auto: fell back to %s (%d newer checkpoint(s) unusable)", path, len(problems))
-            return path, state
+            return path, self.noted(path, state)
         if problems:
             raise CheckpointError(f"resume=auto: none of the {len(problems)} checkpoints in {self.root} can be used (newest: {problems[0]}); remove them, or set train.resume=none to start over")
         return None
+
+    @staticmethod
+    def noted(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """A resume from a model-only checkpoint says so, in one warning line; state["note"] is the
+        same line for metrics.jsonl's resume event."""
+        if state.get("save_only_model"):
+            state["note"] = (
+                f"resumed from {path}, a train.save_only_model checkpoint: weights, data position and schedule step restored, "
+                "optimizer state and random streams started afresh, so this is not an exact resume; train.save_only_model=false keeps exact resumes"
+            )
+            log.warning("%s", state["note"])
+        return state
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -198,11 +222,14 @@ class CheckpointManager:
         self.wait()
         tmp = self.root / f"step-{step}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        rng = {k: v.clone() for k, v in rng_state(self.device).items()}
+        model_only = self.model_only
+        rng = None if model_only else {k: v.clone() for k, v in rng_state(self.device).items()}
         loop_state = json.loads(json.dumps(loop_state))  # a copy: the loop goes on changing its own
+        if model_only:  # the schedule's step, taken now: an asynchronous save commits steps later
+            loop_state["schedule_position"] = schedule_position(strategy)
         staged = threading.Event()
         # A strategy that cannot stage its state (DeepSpeed) saves synchronously.
-        parts = strategy.staged_state(staged) if asynchronous else None
+        parts = strategy.staged_state(staged, model_only=model_only) if asynchronous else None
         if parts is not None:
             tensors, extra, copy = parts
             # CPython passes the GIL on after 5 ms by default: while the writer runs Python (DCP
@@ -236,17 +263,21 @@ class CheckpointManager:
                 self.pending = None
                 raise
             return
-        written = strategy.save_state(tmp, process_group=self.group)
+        written = strategy.save_state(tmp, process_group=self.group, model_only=model_only)
         self._commit(step, tmp, rng, loop_state, keep, strategy, written)
 
-    def _commit(self, step: int, tmp: Path, rng: dict[str, torch.Tensor], loop_state: dict[str, Any], keep: AbstractSet[int], strategy, written: dict[str, FileInfo] | None) -> None:
+    def _commit(self, step: int, tmp: Path, rng: dict[str, torch.Tensor] | None, loop_state: dict[str, Any], keep: AbstractSet[int], strategy, written: dict[str, FileInfo] | None) -> None:
         """Write this rank's RNG state (rank 0: the loop's state and the config), describe the files
         and, on rank 0, write the marker and rename. `written`: the files the strategy wrote on this
         rank, fsynced, with size and CRC32; None when it cannot tell (DeepSpeed), and then the ranks
-        share out all the files to fsync and read back."""
-        own = {f"rng-{self.rank}.safetensors": write_file(tmp / f"rng-{self.rank}.safetensors", safetensors_bytes({k: v.contiguous() for k, v in rng.items()}))}
+        share out all the files to fsync and read back. `rng` None: a model-only checkpoint."""
+        own = {} if rng is None else {f"rng-{self.rank}.safetensors": write_file(tmp / f"rng-{self.rank}.safetensors", safetensors_bytes({k: v.contiguous() for k, v in rng.items()}))}
         if self.rank == 0:
+            loop_state = dict(loop_state)
+            position = loop_state.pop("schedule_position", None)  # not the loop's: beside it
             state = {"loop": loop_state, "config_hash": self.config_hash, "world_size": self.world_size, "strategy": type(strategy).__name__ if strategy else None}
+            if rng is None:  # train.save_only_model: what the checkpoint is, and where the schedule stood
+                state.update(save_only_model=True, schedule_position=position)
             if (base := self.peft_base()) is not None:  # the adapter's checkpoint holds no base weights: say which it needs
                 state["peft_base"] = base
             own["trainer_state.json"] = write_file(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())
@@ -394,6 +425,8 @@ class CheckpointManager:
             strategy.load_state(path)
         except (Exception, DCPException) as exc:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"{path}: cannot load the model or optimizer state ({type(exc).__name__}: {exc})") from exc
+        if state.get("save_only_model") and isinstance(state.get("schedule_position"), int):
+            seek_schedule(strategy, state["schedule_position"])
         rng_file = path / f"rng-{self.rank}.safetensors"
         if state.get("world_size") == self.world_size and rng_file.exists():
             set_rng_state(load_file(str(rng_file)), self.device)
@@ -452,6 +485,23 @@ class CheckpointManager:
         if not self.allow_config_change:
             raise ConfigChangedError(f"{path} was written with another config: {describe(diff)}; set train.resume_with_changed_config=true to continue with the new values, or resume with the old ones")
         log.warning("resuming from %s with a changed config (train.resume_with_changed_config): %s", path, describe(diff))
+
+
+def schedule_position(strategy) -> int:
+    """The learning-rate schedule's step: optimizer steps applied (an update skipped by the fp16
+    scaler or train.nonfinite=skip does not advance it, as in Trainer)."""
+    return int(strategy.scheduler.last_epoch)
+
+
+def seek_schedule(strategy, position: int) -> None:
+    """Place the strategy's fresh schedule at `position` (a model-only checkpoint's step): the
+    learning rate the restored step would have had, not the first step's warmup again. Every
+    schedule is a LambdaLR (trainer/optim.py); its own optimizer's groups are the ones it sets."""
+    scheduler = strategy.scheduler
+    scheduler.last_epoch = position
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(position)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def apply_new_config(strategy, cfg) -> None:

@@ -90,7 +90,7 @@ def main(run_dir: Path) -> int:
             log.info("resumed from %s at step %d (epoch %d, %d samples into it)", resume_from, state.step, state.epoch, state.consumed)
         metrics = MetricsLogger(run_dir, enabled=rt.is_main, total_steps=plan.total_steps, tensorboard_dir=t.logging_dir, report_to=t.report_to, start_step=state.step)
         if resume_from:
-            metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resume_from)})
+            metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resume_from), **({"note": saved["note"]} if "note" in saved else {})})  # note: a model-only checkpoint
 
         trainer = Trainer(
             cfg=cfg, plan=plan, runtime=rt, strategy=strategy, train_set=train_set, eval_set=eval_set, checkpoints=checkpoints, metrics=metrics, state=state,

@@ -112,15 +112,18 @@ class Strategy(ABC):
     def learning_rate(self) -> float: ...
 
     @abstractmethod
-    def save_state(self, path: Path, *, process_group=None) -> dict[str, FileInfo] | None:
-        """Write this rank's share of model, optimizer, schedule and scaler state under path.
+    def save_state(self, path: Path, *, process_group=None, model_only: bool = False) -> dict[str, FileInfo] | None:
+        """Write this rank's share of model, optimizer, schedule and scaler state under path;
+        `model_only` (train.save_only_model): the model's weights only (a LoRA run's: the adapter).
         Return the files this rank wrote (relative to path), fsynced, with their size and CRC32,
         or None when the strategy cannot tell: the checkpoint manager then reads them back."""
 
     @abstractmethod
-    def load_state(self, path: Path) -> None: ...
+    def load_state(self, path: Path) -> None:
+        """Load what save_state wrote; a model-only checkpoint loads the weights and leaves the
+        optimizer, schedule and scaler as they are (the checkpoint manager places the schedule)."""
 
-    def staged_state(self, staged: threading.Event) -> StagedState | None:
+    def staged_state(self, staged: threading.Event, *, model_only: bool = False) -> StagedState | None:
         """For an asynchronous save: the state copied at this step boundary (NativeStrategy says
         how), written later by write_state. None: this strategy saves synchronously only."""
         return None

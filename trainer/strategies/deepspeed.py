@@ -18,6 +18,7 @@ How the interface maps onto the engine:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -27,8 +28,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from launcher.deepspeed_config import deepspeed_config
+from trainer.durable import FileInfo, write_file
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.strategies.base import LOSS_SCALE, NONFINITE, StepResult, Strategy, prepare_model
+from trainer.strategies.native import dcp_save, split_tensors
 
 log = logging.getLogger("ringleader")
 TAG = "deepspeed"  # the sub-folder of every checkpoint; always passed, DeepSpeed's `latest` is never used
@@ -123,13 +126,58 @@ class DeepSpeedStrategy(Strategy):
 
     # -- state -----------------------------------------------------------------------------------
 
-    def save_state(self, path: Path, *, process_group=None) -> None:
+    def save_state(self, path: Path, *, process_group=None, model_only: bool = False) -> dict[str, FileInfo] | None:
         """DeepSpeed's own sharded format under path/deepspeed/ (every rank its optimizer
-        partition). Collective over the default group; the manager's marker decides completeness."""
+        partition). Collective over the default group; the manager's marker decides completeness.
+        `model_only` (train.save_only_model): save_model_only."""
+        if model_only:
+            return self.save_model_only(path, process_group=process_group)
         # A LoRA run saves the trainable parameters only: the frozen base comes from model.name_or_path.
         self.engine.save_checkpoint(str(path), tag=TAG, client_state={}, save_latest=False, exclude_frozen_parameters=self.cfg.peft.enabled)
+        return None
+
+    def save_model_only(self, path: Path, *, process_group=None) -> dict[str, FileInfo]:
+        """train.save_only_model: the fp32 weights (a LoRA run's: the adapter) consolidated on rank 0
+        as final/ takes them, written by rank 0 through DCP with strategy.json: the layout of a DDP
+        checkpoint, so `export` and load_state read it as one, and it loads on any world size.
+        DeepSpeed's own format has no weights-only form under ZeRO-3 (its module holds partitions)."""
+        state = self.full_state_dict(trainable_only=self.cfg.peft.enabled)  # collective; {} off rank 0
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = split_tensors({"model": state}, "", tensors)
+        written = {p.relative_to(path.absolute()).as_posix(): info for p, info in dcp_save(tensors, path / "dcp", process_group=process_group).items()}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            written["strategy.json"] = write_file(path / "strategy.json", json.dumps({"skeleton": skeleton, "model_only": True}).encode())
+        return written
+
+    def load_model_only(self, path: Path) -> None:
+        """A save_model_only checkpoint: every rank reads the whole (DCP, in this process alone)
+        and sets its partitions of the fp32 master weights and the module's from it. The optimizer,
+        schedule and loss scale stay as built. A LoRA run's holds the adapter: the frozen base
+        stays as loaded from model.name_or_path."""
+        import deepspeed
+        import torch.distributed.checkpoint as dcp
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        from trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+
+        wanted = [(names, p) for names, p in self._named_parameters() if p.requires_grad or not self.cfg.peft.enabled]
+        # Whole fp32 tensors (ds_shape: a ZeRO-3 parameter's full shape), filled by DCP without collectives.
+        tensors = {f"/model/{names[0]}": torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=torch.float32) for names, p in wanted}
+        SafeFileSystemReader(str(path / "dcp")).read_metadata()  # crafted metadata refused here, in one line
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path / "dcp")), planner=SafeLoadPlanner(), no_dist=True)
+        for names, p in wanted:
+            value = tensors[f"/model/{names[0]}"]
+            safe_set_full_fp32_param(p, value.to(p.device))
+            if self.stage == 3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value.to(p.device, p.dtype))
+            else:
+                p.data.copy_(value.to(p.device, p.dtype))
 
     def load_state(self, path: Path) -> None:
+        if (path / "strategy.json").is_file():  # written by save_model_only (train.save_only_model)
+            self.load_model_only(path)
+            return
         loaded, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=not self.cfg.peft.enabled)
         if loaded is None:
             raise FileNotFoundError(f"{path / TAG}: no DeepSpeed checkpoint there")

@@ -158,23 +158,30 @@ class NativeStrategy(Strategy):
         lora = self.cfg.peft.enabled
         return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
-    def tensor_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    def tensor_state(self, *, model_only: bool = False) -> dict[str, Any]:
+        """The model's and the optimizer's tensors; `model_only` (train.save_only_model): the model's."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options())
+        if model_only:
+            model_sd, optim_sd = get_model_state_dict(self.model, options=self.state_options()), None
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options())
         if self.cfg.peft.enabled:  # ignore_frozen_params keeps a tied alias of a frozen weight (lm_head of a tied embedding)
             trainable = {n for n, p in unwrap(self.model).named_parameters() if p.requires_grad}
             model_sd = {k: v for k, v in model_sd.items() if k in trainable}
-        return {"model": model_sd, "optimizer": optim_sd}
+        return {"model": model_sd} if model_only else {"model": model_sd, "optimizer": optim_sd}
 
-    def extra_state(self, skeleton: Any) -> dict[str, Any]:
-        """What goes to strategy.json: the state dict without its tensors, schedule and scaler."""
+    def extra_state(self, skeleton: Any, *, model_only: bool = False) -> dict[str, Any]:
+        """What goes to strategy.json: the state dict without its tensors, schedule and scaler
+        (`model_only`: the skeleton, and that it holds the model only)."""
+        if model_only:
+            return {"skeleton": skeleton, "model_only": True}
         return {"skeleton": skeleton, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def save_state(self, path: Path, *, process_group=None) -> dict[str, FileInfo]:
+    def save_state(self, path: Path, *, process_group=None, model_only: bool = False) -> dict[str, FileInfo]:
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = split_tensors(self.tensor_state(), "", tensors)
-        return self.write_state(path, tensors, self.extra_state(skeleton), process_group=process_group)
+        skeleton = split_tensors(self.tensor_state(model_only=model_only), "", tensors)
+        return self.write_state(path, tensors, self.extra_state(skeleton, model_only=model_only), process_group=process_group)
 
     def write_state(self, path: Path, tensors: dict[str, torch.Tensor], extra: dict[str, Any], *, process_group=None) -> dict[str, FileInfo]:
         """The tensors through DCP (every rank its shards), the rest as JSON (rank 0). Returns the
@@ -184,7 +191,7 @@ class NativeStrategy(Strategy):
             written["strategy.json"] = write_file(path / "strategy.json", json.dumps(extra).encode())
         return written
 
-    def staged_state(self, staged: threading.Event) -> StagedState:
+    def staged_state(self, staged: threading.Event, *, model_only: bool = False) -> StagedState:
         """For an asynchronous save, at a step boundary: CPU buffers for the tensors, the rest of
         the state (a copy), and `copy`, which fills the buffers with the state as it is now.
 
@@ -197,8 +204,8 @@ class NativeStrategy(Strategy):
         previous save (the manager waits for that one to finish first): allocating ~state-size
         fresh memory at every save costs more than the copy (page faults)."""
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = split_tensors(self.tensor_state(), "", tensors)
-        extra = json.loads(json.dumps(self.extra_state(skeleton)))  # a copy: step() changes them
+        skeleton = split_tensors(self.tensor_state(model_only=model_only), "", tensors)
+        extra = json.loads(json.dumps(self.extra_state(skeleton, model_only=model_only)))  # a copy: step() changes them
         module_buffers = {f"/model/{name}" for name, _ in unwrap(self.model).named_buffers()}
         cache: dict[str, torch.Tensor] = self.__dict__.setdefault("_staging", {})
         out, later = {}, []
@@ -231,19 +238,23 @@ class NativeStrategy(Strategy):
 
     def load_state(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         from trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
         self.wait_for_staging()
         extra = json.loads((path / "strategy.json").read_text())
+        model_only = extra.get("model_only") is True  # train.save_only_model: weights only, the optimizer and scaler stay as built
         tensors: dict[str, torch.Tensor] = {}
-        split_tensors(self.tensor_state(), "", tensors)
+        split_tensors(self.tensor_state(model_only=model_only), "", tensors)
         # Read (and refuse) crafted metadata here, where its error is one line: inside dcp.load it
         # comes back wrapped in a CheckpointException with every rank's traceback.
         SafeFileSystemReader(str(path / "dcp")).read_metadata()
         dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path / "dcp")), planner=SafeLoadPlanner())
         state = join_tensors(extra["skeleton"], tensors)
+        if model_only:
+            set_model_state_dict(self.model, state["model"], options=self.state_options())
+            return
         optim = state["optimizer"]
         for group in optim.get("param_groups", []):
             if "betas" in group:
