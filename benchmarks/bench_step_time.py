@@ -13,6 +13,11 @@ stop/loss all-reduce, FlowControl, logging every 25 steps as the default job), e
 window: each entry builds the epoch's DataLoader again, a cost (~1 ms) that counts against ours.
 
 The whole measurement runs `--runs` times (a fresh torchrun each); the runs must agree within 1%.
+Each run also reports the median of its first and of its second half of windows: on this shared
+2-core VM they differ by up to 4% (2026-12-03, 100 four-step windows a run), so the spread is a
+drift over minutes, not per-window noise, and more windows do not bring two runs within 1%.
+(Counting instructions under callgrind instead was tried: one step of this model took over 15
+CPU-minutes under valgrind.)
 
     python -m benchmarks.bench_step_time [--window 3] [--windows 30] [--warmup 2] [--runs 2]
 """
@@ -148,8 +153,11 @@ def summary(windows: list[dict[str, float]], steps: int) -> dict:
     for kind in ("wall", "cpu"):
         ratios = [w[f"ours_{kind}"] / w[f"plain_{kind}"] for w in windows]
         q1, q2, q3 = quartiles(ratios)
+        half = len(ratios) // 2
         out[kind] = {
             "ratio_median": round(q2, 4), "ratio_iqr": [round(q1, 4), round(q3, 4)],
+            # the medians of the run's first and second halves: how far the ratio drifts within a run
+            "ratio_halves": [round(statistics.median(ratios[:half]), 4), round(statistics.median(ratios[half:]), 4)],
             "ours_step_s": round(statistics.median(w[f"ours_{kind}"] for w in windows) / steps, 5),
             "plain_step_s": round(statistics.median(w[f"plain_{kind}"] for w in windows) / steps, 5),
         }
