@@ -98,10 +98,9 @@ def test_learning_rate_schedule_matches_transformers(schedule, tmp_path):
         opt.step()
         sched.step()
     logged = {m["step"]: m["learning_rate"] for m in run.metrics() if "learning_rate" in m}
-    # metrics log the rate after the step's scheduler update, as Trainer does
+    # metrics log the rate the step used (before its schedule update), as Trainer 5 logs it
     for step, lr in logged.items():
-        after = expected[step] if step < len(expected) else 0.0 if schedule != "constant_with_warmup" else 0.01
-        assert lr == pytest.approx(after, rel=1e-9, abs=1e-12), step
+        assert lr == pytest.approx(expected[step - 1], rel=1e-9, abs=1e-12), step
 
 
 def test_epochs_plan_and_early_stopping(tmp_path):
@@ -140,20 +139,22 @@ def test_nonfinite_loss_stops_naming_step_and_rank_or_is_skipped(tmp_path):
     assert "train.nonfinite=skip" in result["error"]
     skipped = run_launcher(tmp_path / "skip", *TINY, *boom, "train.nonfinite=skip", "scheduler=linear")
     assert skipped.result()["skipped_steps"] >= 1 and skipped.result()["status"] == "completed"
-    # As transformers' Trainer: the schedule advances only with an applied update. Each skipped
-    # step logs the learning rate of the step before it; the first step is never skipped.
+    # As transformers' Trainer: the schedule advances only with an applied update, and each step
+    # logs the rate it used: the step after a skipped one logs the same rate, any other a new one.
     lrs = [m["learning_rate"] for m in skipped.metrics() if "learning_rate" in m]
-    assert len(lrs) == 6 and len(set(lrs)) == 6 - skipped.result()["skipped_steps"], lrs
+    skips = {s for s in range(1, 7) if f"step {s} skipped" in log_of(skipped.run_dir)}
+    assert len(lrs) == 6 and len(skips) == skipped.result()["skipped_steps"], lrs
+    assert all((lrs[s] == lrs[s - 1]) == (s in skips) for s in range(1, 6)), (lrs, skips)
 
 
 def test_a_forced_overflow_is_skipped_and_the_schedule_waits(tmp_path):
     """RINGLEADER_FAULT=overflow makes step 3's gradients inf on rank 1 (how the GPU check forces an
     fp16 overflow; on the CPU, in fp32, it is a non-finite step): the update is skipped on every
-    rank, counted, and the learning rate logged at step 3 is step 2's."""
+    rank, counted, and the schedule waits: step 4 uses (and logs) step 3's learning rate."""
     run = run_launcher(tmp_path / "run", *TINY, "train.max_steps=5", "train.nonfinite=skip", "scheduler=linear", env=launcher_env(RINGLEADER_FAULT="overflow:1:3"))
     assert run.result()["skipped_steps"] == 1 and run.result()["status"] == "completed"
     lrs = {m["step"]: m["learning_rate"] for m in run.metrics() if "learning_rate" in m}
-    assert lrs[3] == lrs[2] and len(set(lrs.values())) == 4, lrs
+    assert lrs[4] == lrs[3] and len(set(lrs.values())) == 4, lrs
     assert "step 3 skipped: non-finite gradient norm" in log_of(run.run_dir)
 
 

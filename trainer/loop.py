@@ -82,6 +82,7 @@ class StepOutcome:
     input_tokens: int  # input tokens of the step, padding included, all ranks
     non_padding_tokens: int  # of which attention_mask says real (all of them without a mask)
     grad_norm: torch.Tensor  # before clipping
+    learning_rate: float  # the rate the step used (read before the step's schedule update), as Trainer logs it
     skipped: str | None  # None (applied), LOSS_SCALE, or NONFINITE (a non-finite loss on some rank, or gradients)
     stop_requested: bool  # a stop signal on some rank
     local_loss: float  # this rank's summed loss (to name the rank of a non-finite one)
@@ -94,15 +95,20 @@ class Window:
     loss_sum: float = 0.0  # over the steps with a finite loss
     labelled: int = 0  # their labelled tokens
     steps: int = 0
-    tokens: int = 0  # every token processed (padding included): throughput
+    # Every input token the steps had (padding included, filler rows not), all ranks: throughput.
+    # The step's own count (its existing collective), not the plan's batch x seq_len: an epoch's
+    # last, smaller step and padded batches shorter than seq_len have fewer.
+    tokens: int = 0
+    learning_rate: float = 0.0  # the last step's
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, outcome: StepOutcome, tokens: int) -> None:
+    def add(self, outcome: StepOutcome) -> None:
         if outcome.skipped != NONFINITE:
             self.loss_sum += outcome.loss_sum
             self.labelled += outcome.tokens
         self.steps += 1
-        self.tokens += tokens
+        self.tokens += outcome.input_tokens
+        self.learning_rate = outcome.learning_rate
 
 
 def all_reduce(values: list[float], op=None) -> list[float]:
@@ -190,7 +196,7 @@ class Trainer:
             # G micro-batches, fewer in an epoch's last, partial accumulation step (Trainer's).
             outcome = self.train_step([as_batch(next(batches)) for _ in range(self.layout.micro_batches(s.consumed))])
             epoch_ended = self.advance(outcome)
-            window.add(outcome, self.plan.tokens_per_step)
+            window.add(outcome)
             control = self.flow.on_step_end(s.step, epoch_ended=epoch_ended, stop_requested=outcome.stop_requested or self.interrupted, epoch=s.epoch)
             if control.log:
                 self.log_window(window, outcome.grad_norm)
@@ -245,6 +251,7 @@ class Trainer:
                     finder.inject(step, i)  # tests only: RINGLEADER_FAULT=oom:RANK:STEP
             if finder:
                 finder.agree(step, self.strategy.discard_gradients)
+        learning_rate = self.strategy.learning_rate  # the step's: step() then advances the schedule
         result = self.strategy.step()
         fault_point("step", step, rt.rank)  # tests only: RINGLEADER_FAULT (trainer/faults.py)
         local_loss = float(loss_sum)
@@ -252,7 +259,7 @@ class Trainer:
         # rank, the step's loss over all ranks.
         stop, nonfinite, total = all_reduce([float(bool(rt.stop.signum)), float(not math.isfinite(local_loss)), local_loss if math.isfinite(local_loss) else 0.0])
         skipped = NONFINITE if nonfinite else result.skipped
-        return StepOutcome(loss_sum=total, tokens=int(tokens), input_tokens=int(input_tokens), non_padding_tokens=int(non_padding), grad_norm=result.grad_norm, skipped=skipped, stop_requested=bool(stop), local_loss=local_loss)
+        return StepOutcome(loss_sum=total, tokens=int(tokens), input_tokens=int(input_tokens), non_padding_tokens=int(non_padding), grad_norm=result.grad_norm, learning_rate=learning_rate, skipped=skipped, stop_requested=bool(stop), local_loss=local_loss)
 
     def advance(self, outcome: StepOutcome) -> bool:
         """Count the step in the loop's state; True when it ended an epoch."""
@@ -323,7 +330,7 @@ class Trainer:
             "epoch": round(self.state.epoch + self.state.consumed / max(1, self.usable), 4),
             # Token-exact: the window's summed loss over all ranks over its labelled tokens.
             "loss": window.loss_sum / window.labelled if window.labelled else 0.0,
-            "learning_rate": self.strategy.learning_rate,
+            "learning_rate": window.learning_rate,  # the rate the last step used, as Trainer logs it
             "grad_norm": float(grad_norm),
             "tokens_per_s": round(tokens_per_s, 1),
             "step_time_s": round(max(times), 5),
