@@ -10,8 +10,8 @@ Loading, by strategy (HFModelSpec.load_plan):
                 tensor at a time (read with pread, trainer/safetensors_reader.py: no memory map).
   zero3         build inside deepspeed.zero.Init (transformers' own construction context while an
                 HfDeepSpeedConfig for stage 3 is alive): parameters are partitioned as created;
-                then `zero3_load_pretrained` fills them one parameter at a time, gathered with rank
-                0 as the modifier, rank 0 reading each tensor straight into it. Checkpoints whose
+                then `zero3_load_pretrained` fills them one parameter at a time, rank 0 reading
+                each tensor and scattering it into the ranks' partitions. Checkpoints whose
                 names or shapes differ from the model (transformers' key conversions), remote
                 code and quantised bases take transformers' own ZeRO-3 from_pretrained instead.
                 Wired in trainer/build.py: zero3_pretrained (pretrained weights) and zero3_random
@@ -20,11 +20,12 @@ Loading, by strategy (HFModelSpec.load_plan):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,8 +250,9 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None, *, rename: 
     if problem:
         raise ValueError(problem)
     embed = next((src for src in source.values() if src is not None and src.endswith("embed_tokens.weight")), "")
+    largest = max((t.numel() * t.element_size() for t in targets.values()), default=0)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), transients_returned(lambda: largest):
             for name, target in targets.items():
                 local = target.to_local() if isinstance(target, DTensor) else target
                 src = source[name]
@@ -276,16 +278,88 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None, *, rename: 
         tie_weights()
 
 
+GLIBC_MMAP_THRESHOLD = 128 << 10  # glibc's initial M_MMAP_THRESHOLD
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # the most its dynamic rule raises it to (64-bit)
+
+
+@contextlib.contextmanager
+def transients_returned(largest: Callable[[], int]) -> Iterator[None]:
+    """While streaming weights in, large transient buffers go back to the system when freed:
+    glibc's M_MMAP_THRESHOLD fixed at its initial 128 KiB. By default glibc raises the threshold
+    to the size of each large block freed, after which blocks that size come from the heap and
+    freed ones stay resident; gloo receives into buffers of its own threads' arenas too. Measured
+    on 2 ranks loading an 88 M-parameter Llama under zero3: +113 MiB on rank 1 that malloc_trim
+    would give back, none with the fixed threshold. Afterwards the threshold is set where glibc's
+    own rule would have left it (the largest tensor loaded, at most 32 MiB): fixing it once turns
+    the dynamic rule off for the process. Not glibc (musl, macOS): nothing changes."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        yield
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(m_mmap_threshold, GLIBC_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        after = max(GLIBC_MMAP_THRESHOLD, min(largest(), GLIBC_MMAP_THRESHOLD_MAX))
+        libc.mallopt(m_mmap_threshold, after)
+        libc.mallopt(m_trim_threshold, 2 * after)  # glibc's rule keeps the trim threshold at twice it
+
+
+def scatterable(p: Any, world: int) -> bool:
+    """Whether a ZeRO-3 parameter's partition can be written in place: held in memory (not
+    swapped to NVMe), partitioned over the whole world, no secondary (hpZ) copy to keep in step."""
+    import torch.distributed as dist
+
+    part = getattr(p, "ds_tensor", None)
+    if part is None or getattr(part, "final_location", None) is not None or getattr(p, "ds_secondary_tensor", None) is not None:
+        return False
+    group = getattr(p, "ds_process_group", None)
+    return world == 1 or dist.get_world_size(group=group) == world
+
+
+def scatter_into_partition(p: Any, full: torch.Tensor | None, world: int) -> None:
+    """Rank 0's whole tensor (`full`; None elsewhere) into every rank's ZeRO-3 partition of `p`.
+    DeepSpeed's layout (partition_parameters.py _partition_param): rank r holds elements
+    [r*n, (r+1)*n) of the flattened parameter, n = ds_tensor.numel(), the last rank's padded.
+    Each rank receives its slice straight into ds_tensor: no rank but 0 holds the whole tensor
+    (GatheredParameters would allocate it on every rank, and the allocator kept those buffers)."""
+    import torch.distributed as dist
+
+    part = p.ds_tensor
+    n = part.numel()
+    chunks: list[torch.Tensor] | None = None
+    if full is not None:
+        flat = full.reshape(-1)
+        chunks = []
+        for r in range(world):
+            piece = flat[r * n : (r + 1) * n]
+            if piece.numel() < n:  # the padded tail (DeepSpeed leaves it unset; zeros here)
+                piece = torch.cat([piece, piece.new_zeros(n - piece.numel())])
+            chunks.append(piece.contiguous())
+    if world == 1:
+        assert chunks is not None
+        part.copy_(chunks[0])
+    else:
+        dist.scatter(part, chunks, src=0, group=getattr(p, "ds_process_group", None))
+
+
 def zero3_load_pretrained(spec: HFModelSpec, cfg: Any, dtype: torch.dtype) -> Any:
     """Pretrained weights under ZeRO-3 (an HfDeepSpeedConfig for stage 3 alive, the process group
     up), without transformers' ZeRO-3 loader, whose rank 0 holds the whole state dict while it
     loads (2.3x one copy of the weights on the node for an 88 M-parameter Llama on 2 ranks).
     Every rank builds the model in transformers' own construction context for from_pretrained
     (deepspeed.zero.Init, weight init skipped, buffers' dtypes kept): each parameter is
-    partitioned as its module is made. Then one parameter at a time: gathered with rank 0 as the
-    modifier (every rank holds that one tensor in full for a moment), rank 0 reads the file's
-    tensor straight into it (trainer/safetensors_reader.py), DeepSpeed broadcasts and partitions
-    it again. Persistent buffers (not partitioned) are read by rank 0 and broadcast.
+    partitioned as its module is made. Then one parameter at a time: rank 0 reads the file's
+    tensor (trainer/safetensors_reader.py) and scatters it, each rank receiving its slice straight
+    into its partition (scatter_into_partition; GatheredParameters with rank 0 as the modifier
+    where a partition cannot be written in place). Persistent buffers (not partitioned) are read
+    by rank 0 and broadcast. Large transients go back to the system as they are freed
+    (transients_returned). Measured (benchmarks/bench_hf_load.py): the node's peak ~1.05x one
+    copy of the weights, of which each rank holds its partition.
     Returns None, on every rank alike, where this cannot load the file faithfully: no local
     safetensors, remote code, or a checkpoint whose names or shapes are not the model's (the
     conversions from_pretrained applies); the caller then uses from_pretrained."""
@@ -328,46 +402,57 @@ def zero3_load_pretrained(spec: HFModelSpec, cfg: Any, dtype: torch.dtype) -> An
     cfg = copy.deepcopy(cfg)
     cfg.dtype = dtype  # as from_pretrained(dtype=) records it (config.json of final/)
     cfg.name_or_path = spec.name_or_path
-    try:
-        with ContextManagers(cls.get_init_context(dtype, False, False, False)):
-            model = cls(cfg)
-            patch_output_recorders(model)
-        model.tie_weights()  # the init context defers tying; tied parameters are loaded once
-        groups: dict[int, tuple[list[str], torch.Tensor]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(p), ([], p))[0].append(name)
-        persistent = set(model.state_dict().keys())
-        buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
-        keys: list[str] = []  # rank 0: the file's key for each parameter, in the model's order
-        if rank0:
-            assert reader is not None
-            for names, p in groups.values():
-                shape = tuple(getattr(p, "ds_shape", p.shape))
-                key = next((n for n in names if n in reader), None)
-                if key is None or reader.shape(key) != shape:
-                    problem = f"{spec.name_or_path}: {names[0]} is {'not in the file' if key is None else f'{list(reader.shape(key))} in the file, {list(shape)} in the model'}"
-                    break
-                keys.append(key)
-        if problem := agreed(problem):
-            log.info("zero3: %s (a checkpoint transformers converts as it loads); transformers' ZeRO-3 from_pretrained loads it", problem)
-            return None
-        with torch.no_grad():
-            for i, (names, p) in enumerate(groups.values()):
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if rank0:
-                        assert reader is not None
-                        reader.read(keys[i], out=p.data)
-            for name, buf in buffers:
-                found = agreed("yes" if rank0 and reader is not None and name in reader else "")
-                if found:
-                    if rank0:
-                        assert reader is not None
-                        reader.read(name, out=buf)
-                    if world > 1:
-                        dist.broadcast(buf, src=0)
-    finally:
-        if reader is not None:
-            reader.close()
+    biggest = [0]  # bytes of the largest parameter (transients_returned)
+    with transients_returned(lambda: biggest[0]):
+        try:
+            with ContextManagers(cls.get_init_context(dtype, False, False, False)):
+                model = cls(cfg)
+                patch_output_recorders(model)
+            model.tie_weights()  # the init context defers tying; tied parameters are loaded once
+            groups: dict[int, tuple[list[str], Any]] = {}
+            for name, p in model.named_parameters(remove_duplicate=False):
+                groups.setdefault(id(p), ([], p))[0].append(name)
+            biggest[0] = max((getattr(p, "ds_numel", p.numel()) * p.element_size() for _, p in groups.values()), default=0)
+            persistent = set(model.state_dict().keys())
+            buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
+            keys: list[str] = []  # rank 0: the file's key for each parameter, in the model's order
+            if rank0:
+                assert reader is not None
+                for names, p in groups.values():
+                    shape = tuple(getattr(p, "ds_shape", p.shape))
+                    key = next((n for n in names if n in reader), None)
+                    if key is None or reader.shape(key) != shape:
+                        problem = f"{spec.name_or_path}: {names[0]} is {'not in the file' if key is None else f'{list(reader.shape(key))} in the file, {list(shape)} in the model'}"
+                        break
+                    keys.append(key)
+            if problem := agreed(problem):
+                log.info("zero3: %s (a checkpoint transformers converts as it loads); transformers' ZeRO-3 from_pretrained loads it", problem)
+                return None
+            with torch.no_grad():
+                for i, (names, p) in enumerate(groups.values()):
+                    if scatterable(p, world):
+                        full = None
+                        if rank0:
+                            assert reader is not None
+                            full = reader.read(keys[i], dtype=p.ds_tensor.dtype).to(p.ds_tensor.device)
+                        scatter_into_partition(p, full, world)
+                        del full
+                        continue
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # every rank holds it in full for a moment
+                        if rank0:
+                            assert reader is not None
+                            reader.read(keys[i], out=p.data)
+                for name, buf in buffers:
+                    found = agreed("yes" if rank0 and reader is not None and name in reader else "")
+                    if found:
+                        if rank0:
+                            assert reader is not None
+                            reader.read(name, out=buf)
+                        if world > 1:
+                            dist.broadcast(buf, src=0)
+        finally:
+            if reader is not None:
+                reader.close()
     if rank0:
         log.info("zero3: rank 0 read %d tensors of %s into the partitions, one at a time", len(keys), spec.name_or_path)
     model.eval()  # as from_pretrained leaves it

@@ -5,8 +5,8 @@ Why not safetensors' safe_open: it memory-maps the whole file, and every page a 
 in the reading process's resident set (RssFile) until the map goes away, so rank 0 ends a load
 holding the whole file mapped on top of its shards (a 88 M-parameter Llama on 2 ranks: the node's
 peak 2.2x one copy of the weights instead of ~1.2x). Here each tensor is read with pread into a
-buffer of its own size, and the pages read are dropped from the page cache behind it
-(POSIX_FADV_DONTNEED): page cache is reclaimable and no process's RSS, but a container's memory
+buffer of its own size, and the file's pages are dropped from the page cache behind it
+(POSIX_FADV_DONTNEED; pages another process maps stay): page cache is reclaimable and no process's RSS, but a container's memory
 limit counts it (cgroup v2 memory.current), and the weights pass through only once.
 
 The format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
@@ -118,7 +118,11 @@ class SafetensorsReader:
             got = os.preadv(fd, [view[done : min(total, done + CHUNK)]], entry.begin + done)
             if got <= 0:
                 raise ValueError(f"{entry.path}: ended inside a tensor (truncated file?)")
-            os.posix_fadvise(fd, entry.begin + done, got, os.POSIX_FADV_DONTNEED)
+            # The whole file, not just the range read: the kernel skips pages still in its per-CPU
+            # LRU batches or under readahead I/O, so a range-only drop left ~0.3 of the file cached
+            # (measured: 90 of 300 MiB after a sequential read); a whole-file drop each chunk keeps
+            # the cache at the readahead window (16 MiB peak, nothing after).
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             done += got
 
     def close(self) -> None:
