@@ -39,12 +39,13 @@ def processes_per_node(cfg: RunConfig) -> int:
 
 
 def count_samples(cfg: RunConfig, split: str, tokenized: Tokenized | None = None) -> int | None:
-    """Samples of a split; None when not known yet (text data in a dry run before tokenization).
-    With packing, the packed rows."""
+    """Samples of a split; None when the launcher does not know it (text data in a dry run before
+    tokenization; a data._target_ dataset, whose code runs on the ranks only, except the training
+    samples data.num_samples gives). With packing, the packed rows."""
     if cfg.data.is_text:
         return tokenized.count(split, packing=cfg.data.packing) if tokenized is not None else None
     if cfg.data._target_:
-        return cfg.data.num_samples if split == "train" else 0
+        return (cfg.data.num_samples or None) if split == "train" else None
     try:
         return corpus.num_samples(cfg.data, split)
     except OSError as exc:
@@ -59,7 +60,8 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
     counted = count_samples(cfg, "train", tokenized)
     unknown = counted is None  # a dry run before tokenization: plan what can be planned
     train_samples = counted or 0
-    eval_samples = count_samples(cfg, "validation", tokenized) or 0
+    eval_counted = count_samples(cfg, "validation", tokenized)
+    eval_samples = eval_counted or 0
     # As Trainer: the last, smaller micro-batch and the last partial accumulation step of an epoch
     # count (launcher/steps.py), unless dataloader_drop_last drops that micro-batch.
     layout = StepLayout(samples=train_samples, micro_batch=t.per_device_train_batch_size * world, accumulation=t.gradient_accumulation_steps, drop_last=t.dataloader_drop_last)
@@ -79,7 +81,8 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
                 f"({t.per_device_train_batch_size} per device x {world} ranks), and drop_last drops it; set train.dataloader_drop_last=false or lower the batch",
             )
         raise ConfigError("data", "the dataset has no training samples; check data.paths (or data.max_bytes)")
-    if t.eval_strategy != "no" and eval_samples < world and not unknown:
+    # A split counted on the ranks only (data._target_) is checked there (trainer/loop.py).
+    if t.eval_strategy != "no" and eval_samples < world and eval_counted is not None:
         raise ConfigError("data.validation_fraction", f"the validation split has {eval_samples} samples for {world} ranks; raise data.validation_fraction or set train.eval_strategy=no")
     if t.max_steps > 0:
         total = t.max_steps
@@ -130,7 +133,7 @@ def plan_run(cfg: RunConfig, host: Host, run_dir: Path, *, tokenized: Tokenized 
     if tokenized is not None and tokenized.folder:
         plan.data_cache = tokenized.folder
         plan.tokenized = dataclasses.asdict(tokenized)
-    elif unknown:
+    elif unknown and cfg.data.is_text:
         plan.warnings.append("samples: known after tokenization (a dry run tokenizes nothing); steps from train.max_steps only")
     if t.save_only_model:
         plan.warnings.append(
@@ -153,6 +156,9 @@ def format_gb(gb: float) -> str:
 def samples_line(plan: Plan, cfg: RunConfig) -> str:
     if cfg.data.is_text and not plan.data_cache:
         return "known after tokenization"
+    if cfg.data._target_:  # its code runs on the ranks, not in the launcher
+        train = f"{plan.train_samples} train (data.num_samples)" if plan.train_samples else "train"
+        return f"{train}{' and' if not plan.train_samples else ','} validation known on the ranks ({cfg.data._target_} is called there)"
     line = f"{plan.train_samples} train, {plan.eval_samples} validation"
     if plan.data_cache:
         tok = plan.tokenized
@@ -170,6 +176,16 @@ def tokens_line(plan: Plan, cfg: RunConfig) -> str:
     labelled, samples = plan.tokenized.get("labelled", {}).get("train"), plan.train_samples
     mean = f"; {labelled / samples * plan.effective_batch_size:.0f} labelled tokens/step on average" if labelled and samples else ""
     return f"at most {plan.tokens_per_step} tokens/step{mean}"
+
+
+def steps_line(plan: Plan, cfg: RunConfig) -> str:
+    """Steps per epoch and in all; without a sample count (a data._target_ dataset without
+    data.num_samples, text before tokenization) the epoch's steps are known later, the total is
+    train.max_steps (the schema asks for it then)."""
+    if plan.steps_per_epoch == 0 and not plan.train_samples:
+        when = "after tokenization" if cfg.data.is_text else "on the ranks"
+        return f"per epoch known {when}, {plan.total_steps} total (train.max_steps), warmup {plan.warmup_steps}"
+    return f"{plan.steps_per_epoch} per epoch, {plan.total_steps} total ({plan.num_train_epochs:.3g} epochs), warmup {plan.warmup_steps}"
 
 
 def intervals_line(plan: Plan, cfg: RunConfig) -> str:
@@ -194,7 +210,7 @@ def render_plan(plan: Plan, cfg: RunConfig) -> str:
         ("strategy", f"{plan.strategy}, {plan.precision}" + (", gradient checkpointing" if cfg.train.gradient_checkpointing else "")),
         ("batch", f"{plan.per_device_train_batch_size} per device x {plan.world_size} ranks x {plan.gradient_accumulation_steps} accumulation = {plan.effective_batch_size} effective ({tokens_line(plan, cfg)})"),
         ("samples", samples_line(plan, cfg)),
-        ("steps", f"{plan.steps_per_epoch} per epoch, {plan.total_steps} total ({plan.num_train_epochs:.3g} epochs), warmup {plan.warmup_steps}"),
+        ("steps", steps_line(plan, cfg)),
         ("intervals", intervals_line(plan, cfg)),
         ("optimizer", f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g}, {cfg.scheduler.name} schedule"),
     ]

@@ -139,6 +139,9 @@ class Trainer:
         if self.usable == 0:
             raise ValueError(f"the training set has {len(train_set)} samples, fewer than one micro-batch of {self.layout.micro_batch} with train.dataloader_drop_last; set it to false, or use more data")
         self.flow = FlowControl.from_config(t, plan)
+        # The launcher counts a data._target_ dataset's validation split only here, on the ranks.
+        if eval_set is not None and len(eval_set) < runtime.world_size:
+            raise ValueError(f"the validation split has {len(eval_set)} samples for {runtime.world_size} ranks; give data._target_ a larger one, or set train.eval_strategy=no")
         self.greater_is_better = t.maximize
         # Evaluation's statistics: with logits when the model gives them (eval_accuracy, a user's
         # train.compute_metrics; main.py refused what needs them otherwise).
