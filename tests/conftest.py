@@ -6,12 +6,17 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 # A model and dataset small enough that a 2-rank job takes a few seconds on 2 CPU cores.
 TINY = [
@@ -86,3 +91,72 @@ def run_launcher(run_dir: Path | None, *overrides: str, timeout: float = 300, ch
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+# -- runs side by side, and runs several test files read ---------------------------------------------
+# One launcher run keeps this machine's 2 cores busy only part of the time (the launcher, torchrun
+# and the ranks' imports take turns), so independent runs started side by side end sooner than one
+# after another. Only for runs whose tests read outcomes (losses, weights, files); a test that
+# times something (a stall, a delay, a signal) runs alone.
+SIDE_BY_SIDE = 2
+
+
+class Results(dict):
+    """Results by name; a call that raised raises again when its result is read, so a failed run
+    fails the tests that read it, not the others."""
+
+    def __getitem__(self, name: str):
+        value = super().__getitem__(name)
+        if isinstance(value, BaseException):
+            raise AssertionError(f"{name}: {value}") from value
+        return value
+
+
+def side_by_side(**calls: Callable[[], T]) -> dict[str, T]:
+    """Each call (typically functools.partial(run_launcher, ...)), SIDE_BY_SIDE at a time, in threads;
+    their results by name, once every call has ended (no run is left behind)."""
+    with ThreadPoolExecutor(max_workers=SIDE_BY_SIDE) as pool:
+        futures = {name: pool.submit(call) for name, call in calls.items()}
+    return Results({name: future.exception() or future.result() for name, future in futures.items()})
+
+
+# Runs made once per test session, side by side, in one group: the first test to read any of them
+# (through the `shared_runs` fixture) makes them all. Registered by the files whose tests read them,
+# when pytest imports those files (`share`, `share_call`), so a file run alone makes only its own.
+_shared: dict[str, tuple[Callable[[Path], object], float]] = {}
+
+
+def share_call(name: str, call: Callable[[Path], T], *, seconds: float = 300) -> str:
+    """Register `call(folder)` (a fresh folder of its own) in the session's group; returns `name`,
+    the key of its result in shared_runs. The longest (`seconds`, an estimate) start first."""
+    assert name not in _shared, f"{name} is registered twice"
+    _shared[name] = (call, seconds)
+    return name
+
+
+def share(name: str, *overrides: str, **options) -> str:
+    """Register run_launcher(folder / "run", *overrides, **options) in the session's group."""
+    return share_call(name, lambda folder: run_launcher(folder / "run", *overrides, **options), seconds=options.get("timeout", 300))
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory) -> dict[str, object]:
+    """Every registered run, made once per test session, side by side; tests only read them (one
+    that changes a run works on a copy)."""
+    root = tmp_path_factory.mktemp("shared")
+    longest_first = sorted(_shared.items(), key=lambda item: -item[1][1])
+    return side_by_side(**{name: partial(call, root / name) for name, (call, _) in longest_first})
+
+
+# tests/test_training.py's first job (2 ranks, 30 steps, evaluations, TensorBoard), trained with
+# adamw_torch_fused and a peak FLOP/s set: test_optimizers reads it as fused AdamW's real run,
+# test_mfu as the run whose log events carry MFU.
+TRAINS = [
+    *TINY, "train.max_steps=30", "train.logging_steps=5", "train.eval_strategy=steps", "train.eval_steps=15", "optimizer.learning_rate=3e-3", "scheduler=constant_with_warmup",
+    "optimizer=adamw_torch_fused", "hw.peak_tflops_bf16=0.002",
+]
+# One rank, 3 steps, no peak: test_training_args's data_seed baseline, test_training's run without
+# gradient checkpointing, test_mfu's run without a peak.
+ONE_RANK = [*TINY, "cluster.nproc_per_node=1", "train.max_steps=3", "train.report_to=[]", "train.seed=42"]
+share("trains", *TRAINS)
+share("one_rank", *ONE_RANK)

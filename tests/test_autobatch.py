@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SLOW_VARIANT, launcher_env, run_launcher
-from tests.test_train_fields import BASE, baseline, eval_losses, losses, rank_log
+from tests.conftest import SLOW_VARIANT, launcher_env, run_launcher, share
+from tests.test_train_fields import BASE, eval_losses, losses, rank_log
+
+
+def job(strategy: str) -> list[str]:
+    """BASE started with per-device batch 4 x accumulation 2, the batch found automatically."""
+    return [*BASE, f"strategy={strategy}", "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2", "train.auto_find_batch_size=true"]
+
+
+OOM = launcher_env(RINGLEADER_FAULT="oom:1:2")
+DDP = share("autobatch_ddp", *job("ddp"), env=OOM)  # made once, beside BASE's run (tests/conftest.py)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=SLOW_VARIANT)])
-def test_an_out_of_memory_step_is_retried_with_half_the_batch_and_the_same_samples(strategy, tmp_path):
-    base = baseline()  # ddp, per-device batch 2 x accumulation 4 from the start (the loss is token-exact across strategies)
-    run = run_launcher(
-        tmp_path / "run", *BASE, f"strategy={strategy}", "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2", "train.auto_find_batch_size=true",
-        env=launcher_env(RINGLEADER_FAULT="oom:1:2"),
-    )
+def test_an_out_of_memory_step_is_retried_with_half_the_batch_and_the_same_samples(strategy, shared_runs, tmp_path):
+    base = shared_runs["base"]  # ddp, per-device batch 2 x accumulation 4 from the start (the loss is token-exact across strategies)
+    run = shared_runs[DDP] if strategy == "ddp" else run_launcher(tmp_path / "run", *job(strategy), env=OOM)
     assert run.result()["status"] == "completed" and run.result()["global_step"] == 4
     # The same samples in every step, token-exact loss: the same losses within float rounding
     # (step 1 ran with 4 x 2, the rest with 2 x 4), and the same evaluation at the end.

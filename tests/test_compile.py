@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from tests.conftest import SLOW_VARIANT, run_launcher
-from tests.test_train_fields import BASE, baseline, losses, rank_log
+from tests.conftest import SLOW_VARIANT, run_launcher, share
+from tests.test_train_fields import BASE, losses, rank_log
 
 
 def compiled_frames(log: str) -> int:
@@ -20,17 +20,24 @@ def compiled_frames(log: str) -> int:
     return int(found[-1][0])
 
 
+def job(strategy: str, *extra: str) -> list[str]:
+    # No evaluation in the compiled run: it would compile an inference graph too (evaluation does not
+    # change training's losses, which are compared).
+    return [*BASE, f"strategy={strategy}", "train.torch_compile=true", "train.eval_strategy=no", "train.eval_on_start=false", *extra]
+
+
+DDP = share("compiled_ddp", *job("ddp"), timeout=600)  # made once, beside BASE's run (tests/conftest.py)
+
+
 @pytest.mark.parametrize("strategy,extra", [
     ("ddp", []),
     pytest.param("fsdp", [], marks=SLOW_VARIANT),
     pytest.param("zero2", [], marks=SLOW_VARIANT),
     pytest.param("ddp", ["train.torch_compile_backend=aot_eager", "train.torch_compile_mode=default"], marks=SLOW_VARIANT),
 ])
-def test_a_compiled_run_trains_like_an_uncompiled_one(strategy, extra, tmp_path):
-    base = baseline()
-    # No evaluation in the compiled run: it would compile an inference graph too (evaluation does not
-    # change training's losses, which are compared).
-    run = run_launcher(tmp_path / "run", *BASE, f"strategy={strategy}", "train.torch_compile=true", "train.eval_strategy=no", "train.eval_on_start=false", *extra, timeout=600)
+def test_a_compiled_run_trains_like_an_uncompiled_one(strategy, extra, shared_runs, tmp_path):
+    base = shared_runs["base"]
+    run = shared_runs[DDP] if (strategy, extra) == ("ddp", []) else run_launcher(tmp_path / "run", *job(strategy, *extra), timeout=600)
     # Compiled kernels order floating-point sums differently: equal within float32 rounding.
     assert losses(run) == pytest.approx(losses(base), rel=2e-4)
     for rank in (0, 1):

@@ -6,11 +6,12 @@ resolved them; label smoothing in the training loss; num_input_tokens_seen acros
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import SLOW_VARIANT, TINY, launcher_env, run_launcher
+from tests.conftest import SLOW_VARIANT, TINY, Run, launcher_env, run_launcher, share_call
 
 EVAL = [
     "train.max_steps=8", "train.logging_steps=0.25", "train.logging_first_step=false",
@@ -25,14 +26,21 @@ def last_per_step(records: list[dict], key: str) -> dict[int, dict]:
     return {m["step"]: m for m in records if key in m}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=SLOW_VARIANT)])
-def test_metrics_best_saves_delay_and_tokens_seen_across_a_resume(strategy, tmp_path):
-    run_dir = tmp_path / "run"
+def killed_then_rerun(run_dir: Path, strategy: str) -> tuple[Run, Run]:
+    """Rank 0 dies after step 7 (as a lost node); the rerun resumes from the last checkpoint best saved."""
     job = [*TINY, f"strategy={strategy}", *EVAL]
-    # Rank 0 dies after step 7 (as a lost node): the rerun resumes from the last checkpoint best saved.
     killed = run_launcher(run_dir, *job, env=launcher_env(RINGLEADER_FAULT="step:0:7"), check=False)
+    return killed, run_launcher(run_dir, *job)
+
+
+DDP = share_call("eval_metrics_ddp", lambda folder: killed_then_rerun(folder / "run", "ddp"))  # made once, beside the session's other shared runs (tests/conftest.py)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=SLOW_VARIANT)])
+def test_metrics_best_saves_delay_and_tokens_seen_across_a_resume(strategy, shared_runs, tmp_path):
+    killed, run = shared_runs[DDP] if strategy == "ddp" else killed_then_rerun(tmp_path / "run", strategy)
     assert killed.proc.returncode != 0
-    run = run_launcher(run_dir, *job)
+    run_dir = run.run_dir
     assert run.result()["status"] == "completed" and run.result()["global_step"] == 8
     plan = run.plan()
     assert (plan["logging_steps"], plan["eval_steps"]) == (2, 2)  # ratios of 8 steps, resolved once

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from launcher.schema import OptimizerConfig
-from tests.conftest import TINY, run_launcher
+from tests.conftest import TINY, TRAINS, run_launcher, share
 from trainer.optim import build_optimizer
 
 
@@ -79,12 +79,16 @@ def test_bad_optimizer_choices_are_refused_at_plan_time(overrides, key, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+# Made once, beside the session's other shared runs (tests/conftest.py).
+ADAFACTOR_ZERO2 = share("adafactor_zero2", *TINY, "strategy=zero2", "optimizer=adafactor", "optimizer.learning_rate=1e-2", "train.max_steps=12", "scheduler=constant", "train.report_to=[]")
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_new_optimizers_train_for_real(strategy, tmp_path):
+def test_new_optimizers_train_for_real(strategy, shared_runs):
     """A real 2-rank run per strategy: adamw_torch_fused under DDP (torch's own fused kernel), and
     Adafactor as DeepSpeed's client optimizer under ZeRO-2. The loss goes down."""
-    optimizer = ["optimizer=adamw_torch_fused", "optimizer.learning_rate=3e-3"] if strategy == "ddp" else ["optimizer=adafactor", "optimizer.learning_rate=1e-2"]
-    run = run_launcher(tmp_path / "run", *TINY, f"strategy={strategy}", *optimizer, "train.max_steps=12", "scheduler=constant", "train.report_to=[]")
+    assert "optimizer=adamw_torch_fused" in TRAINS  # tests/conftest.py TRAINS: ddp, 30 steps, learning rate 3e-3
+    run = shared_runs["trains" if strategy == "ddp" else ADAFACTOR_ZERO2]
     losses = [m["loss"] for m in run.metrics() if "loss" in m]
     assert run.result()["status"] == "completed" and losses[-1] < losses[0], losses
 

@@ -3,22 +3,21 @@ gradient_checkpointing_kwargs, and the data loader's num_workers, pin_memory, pe
 and prefetch_factor (data.*), each with Trainer's meaning or refused.
 
 BASE is the one real 2-rank job that tests/test_compile.py and tests/test_autobatch.py compare
-against too: it runs once per test session (`baseline`)."""
+against too: it runs once per test session, side by side with the runs compared with it
+(tests/conftest.py `share`; the tests read shared_runs["base"])."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from launcher.errors import ConfigError
 from launcher.schema import DataConfig, RunConfig, StrategyConfig, TrainConfig
-from tests.conftest import SLOW_VARIANT, TINY, Run, run_launcher
+from tests.conftest import SLOW_VARIANT, TINY, Run, share
 
 # Per-device batch 2 x accumulation 4 on 2 ranks (16 samples a step), an evaluation before the
 # first step and after the last; no dropout, so two runs differ only by what a test changes.
@@ -26,14 +25,7 @@ BASE = [
     *TINY, "model.dropout=0.0", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=4", "train.max_steps=4",
     "train.eval_strategy=steps", "train.eval_steps=4", "train.eval_on_start=true", "train.eval_max_batches=2", "train.report_to=[]",
 ]
-_baseline: dict[str, Run] = {}
-
-
-def baseline() -> Run:
-    """The BASE run, made once per test session (in a temporary folder of its own)."""
-    if "run" not in _baseline:
-        _baseline["run"] = run_launcher(Path(tempfile.mkdtemp(prefix="ringleader-base-")) / "run", *BASE)
-    return _baseline["run"]
+share("base", *BASE)  # made once per session, beside the runs compared with it (tests/conftest.py)
 
 
 def losses(run: Run) -> dict[int, float]:
@@ -51,9 +43,12 @@ def rank_log(run: Run, rank: int = 0) -> str:
 # -- neftune_noise_alpha ----------------------------------------------------------------------------
 
 
-def test_neftune_adds_noise_to_training_but_not_to_evaluation(tmp_path):
-    base = baseline()
-    run = run_launcher(tmp_path / "run", *BASE, "train.neftune_noise_alpha=5")
+NEFTUNE = share("neftune", *BASE, "train.neftune_noise_alpha=5")
+
+
+def test_neftune_adds_noise_to_training_but_not_to_evaluation(shared_runs):
+    base = shared_runs["base"]
+    run = shared_runs[NEFTUNE]
     # The same initial weights evaluated without noise: bit-identical before the first step.
     assert eval_losses(run)[0] == eval_losses(base)[0]
     # Training's forward sees noisy embeddings from the first step on.
