@@ -9,10 +9,12 @@ weights by ~10x the tolerance here: tested below on the same data, so the data d
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from tests.conftest import SLOW_VARIANT, run_launcher
+from tests.conftest import SLOW_VARIANT, Run, run_launcher, side_by_side
 from trainer.data import ResumableSampler
 from trainer.model import GPT
 from trainer.model_io import collate, summed_cross_entropy
@@ -25,6 +27,7 @@ COMMON = [
     "data._target_=tests.user_code.masked_prompts", f"data.seq_len={SEQ}", "data.num_samples=64",
     "optimizer=sgd", f"optimizer.learning_rate={LR}", "optimizer.momentum=0", "optimizer.weight_decay=0", "scheduler=constant",
     "train.max_grad_norm=0", f"train.max_steps={STEPS}", "train.logging_steps=1", "train.eval_strategy=no", "train.save_strategy=no", f"train.seed={SEED}",
+    "train.report_to=[]",  # no TensorBoard: importing it costs a second a run
 ]
 ONE_PROCESS = ["cluster.nproc_per_node=1", "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1"]
 TWO_RANKS = ["cluster.nproc_per_node=2", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2"]
@@ -45,17 +48,33 @@ def losses(run) -> list[float]:
     return [m["loss"] for m in run.metrics() if "loss" in m]
 
 
+# tests/user_code.py's Bigram, which returns the mean over its labels (test_a_user_model_returning_the_mean_is_token_exact_too).
+BIGRAM = [c for c in COMMON if not c.startswith("model.")] + ["model._target_=tests.user_code.Bigram", "+model.kwargs.vocab=256", "model.num_parameters=65536"]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple:
-    run = run_launcher(tmp_path_factory.mktemp("loss") / "one", *COMMON, *ONE_PROCESS)
+def runs(tmp_path_factory) -> dict[str, Run]:
+    """The one-process reference, 2 ranks under each default strategy, and the Bigram pair: made
+    once, side by side (tests/conftest.py). The zero2 variant runs its own."""
+    root = tmp_path_factory.mktemp("loss")
+    strategies = {s: partial(run_launcher, root / s, *COMMON, *TWO_RANKS, f"strategy={s}") for s in ("zero3", "fsdp", "ddp")}  # DeepSpeed's, the longest, first
+    return side_by_side(
+        **strategies, one=partial(run_launcher, root / "one", *COMMON, *ONE_PROCESS),
+        bigram_one=partial(run_launcher, root / "bigram_one", *BIGRAM, *ONE_PROCESS), bigram_two=partial(run_launcher, root / "bigram_two", *BIGRAM, *TWO_RANKS),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> tuple:
+    run = runs["one"]
     return run.weights(), losses(run)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", pytest.param("zero2", marks=SLOW_VARIANT), "zero3"])  # zero2: zero3's engine.backward path
-def test_two_ranks_with_accumulation_equal_one_process_on_the_whole_batch(strategy, reference, tmp_path):
+def test_two_ranks_with_accumulation_equal_one_process_on_the_whole_batch(strategy, runs, reference, tmp_path):
     weights, logged = reference
     assert logged[0] == pytest.approx(first_step_loss(), rel=1e-6)
-    run = run_launcher(tmp_path / strategy, *COMMON, *TWO_RANKS, f"strategy={strategy}")
+    run = runs[strategy] if strategy in runs else run_launcher(tmp_path / strategy, *COMMON, *TWO_RANKS, f"strategy={strategy}")
     assert losses(run) == pytest.approx(logged, rel=1e-5)
     moved = max(float((weights[k] - w0).abs().max()) for k, w0 in initial_weights().items() if k in weights)
     assert moved > 1e-2, "the SGD steps must move the weights well beyond the tolerance"
@@ -69,12 +88,10 @@ def initial_weights() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in GPT(**GPT_ARGS).state_dict().items()}
 
 
-def test_a_user_model_returning_the_mean_is_token_exact_too(tmp_path):
+def test_a_user_model_returning_the_mean_is_token_exact_too(runs):
     """tests/user_code.py's Bigram returns F.cross_entropy's mean; ringleader turns it back into a
     sum (mean x labelled tokens), so it is token-exact as well."""
-    bigram = [c for c in COMMON if not c.startswith("model.")] + ["model._target_=tests.user_code.Bigram", "+model.kwargs.vocab=256", "model.num_parameters=65536"]
-    one = run_launcher(tmp_path / "one", *bigram, *ONE_PROCESS)
-    two = run_launcher(tmp_path / "two", *bigram, *TWO_RANKS)
+    one, two = runs["bigram_one"], runs["bigram_two"]  # BIGRAM on one process, and on 2 ranks x accumulation 2
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     torch.testing.assert_close(two.weights()["table.weight"], one.weights()["table.weight"], rtol=1e-5, atol=2e-6)
 
