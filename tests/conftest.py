@@ -160,3 +160,64 @@ TRAINS = [
 ONE_RANK = [*TINY, "cluster.nproc_per_node=1", "train.max_steps=3", "train.report_to=[]", "train.seed=42"]
 share("trains", *TRAINS)
 share("one_rank", *ONE_RANK)
+
+
+# -- set-up several test files share (tests/test_slurm*.py, test_backends.py, the Hugging Face files,
+# test_strategies.py and test_security_export.py, test_trainer_parity.py): made once per session,
+# when a test first asks for it; the tests only read it (one that changes a run works on a copy).
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The loopback SLURM cluster (tests/slurm_cluster.py), started once: each start and stop costs
+    seconds. Every test waits for its jobs to end, so the next one finds both nodes idle."""
+    from tests.slurm_cluster import LocalSlurmCluster, missing_packages
+
+    assert not missing_packages(), f"SLURM's packages are missing: {missing_packages()}; run bash tests/run.sh (as root it installs them)"
+    cluster = LocalSlurmCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory) -> Path:
+    """One data.cache_dir for every test's tokenized Hugging Face data: the same files, tokenizer and
+    settings are tokenized once a session (the pre-step's child takes seconds), and the shipped
+    instruction set is written there once. Not XDG_CACHE_HOME: DeepSpeed's JIT-built ops live in
+    the user's cache, and a fresh one rebuilds them (minutes)."""
+    return tmp_path_factory.mktemp("hf-cache")
+
+
+class LazyRuns(dict):
+    """Runs by name, each made when a test first asks for it (a -k selection makes only those)."""
+
+    def __init__(self, make: Callable[[str], Run]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name: str) -> Run:
+        self[name] = self.make(name)
+        return self[name]
+
+
+# tests/test_strategies.py's run per strategy: 20 steps, accumulation 2, checkpoints at 10 and 20.
+STRATEGY_JOB = [*TINY, "train.max_steps=20", "train.gradient_accumulation_steps=2", "train.save_strategy=steps", "train.save_steps=10", "train.save_total_limit=2"]
+
+
+@pytest.fixture(scope="session")
+def strategy_runs(tmp_path_factory) -> dict[str, Run]:
+    """STRATEGY_JOB per strategy: test_strategies compares them; test_security_export exports zero2's."""
+    root = tmp_path_factory.mktemp("strategies")
+    return LazyRuns(lambda strategy: run_launcher(root / strategy, *STRATEGY_JOB, f"strategy={strategy}"))
+
+
+# One DDP rank, 4 steps, checkpoints step-2 and step-4 kept, final/ (the weights of step 4).
+ONE_RANK_JOB = [*TINY, "cluster.nproc_per_node=1", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2", "train.save_total_limit=0", "train.report_to=[]"]
+
+
+@pytest.fixture(scope="session")
+def one_rank_run(tmp_path_factory) -> Run:
+    """ONE_RANK_JOB: test_security_export crafts its checkpoints, test_trainer_parity resumes it (copies)."""
+    run = run_launcher(tmp_path_factory.mktemp("one-rank") / "run", *ONE_RANK_JOB)
+    assert (run.run_dir / "checkpoints" / "step-4" / "COMPLETE").is_file()
+    return run

@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 
 from launcher.__main__ import main
 from tests.checkpoint_tools import RunsCode, assert_same_tensors, log_of
-from tests.conftest import ROOT, TINY, launcher_env, run_launcher
+from tests.conftest import ONE_RANK_JOB, ROOT, Run, launcher_env, run_launcher
 
-JOB = [*TINY, "cluster.nproc_per_node=1", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2", "train.save_total_limit=0", "train.report_to=[]"]
+JOB = ONE_RANK_JOB
 DCP_META = "torch.distributed.checkpoint.metadata"
 DCP_FS = "torch.distributed.checkpoint.filesystem"
 
@@ -96,11 +96,10 @@ def files_under(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A real 1-rank DDP run: checkpoints step-2 and step-4, final/ (the weights of step 4)."""
-    run = run_launcher(tmp_path_factory.mktemp("trained") / "run", *JOB)
-    assert (run.run_dir / "checkpoints" / "step-4" / "COMPLETE").is_file()
-    return run.run_dir
+def trained(one_rank_run: Run) -> Path:
+    """A real 1-rank DDP run: checkpoints step-2 and step-4, final/ (the weights of step 4); made
+    once per session (tests/conftest.py one_rank_run), read here or copied (copy_run)."""
+    return one_rank_run.run_dir
 
 
 def copy_run(trained: Path, tmp_path: Path) -> Path:
@@ -333,15 +332,13 @@ def test_export_bad_arguments_are_one_line_and_write_nothing(case, tmp_path, cap
 
 # -- DeepSpeed checkpoints: DeepSpeed's own consolidation, every torch.load weights_only -------------
 
-DEEPSPEED_JOB = [*TINY, "strategy=zero2", "train.max_steps=2", "train.save_strategy=steps", "train.save_steps=2", "train.report_to=[]"]
-
-
 @pytest.fixture(scope="module")
-def deepspeed_run(tmp_path_factory) -> Path:
-    """A real ZeRO-2 run on 2 CPU ranks: checkpoint step-2 and final/ (the weights of step 2)."""
-    run = run_launcher(tmp_path_factory.mktemp("zero2") / "run", *DEEPSPEED_JOB)
-    assert (run.run_dir / "checkpoints" / "step-2" / "deepspeed").is_dir()
-    return run.run_dir
+def deepspeed_run(strategy_runs) -> Path:
+    """A real ZeRO-2 run on 2 CPU ranks: checkpoints step-10 and step-20, final/ (the weights of
+    step 20); tests/test_strategies.py's zero2 run (tests/conftest.py strategy_runs), read or copied."""
+    run_dir = strategy_runs["zero2"].run_dir
+    assert (run_dir / "checkpoints" / "step-20" / "deepspeed").is_dir()
+    return run_dir
 
 
 def export_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -351,7 +348,7 @@ def export_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_deepspeed_checkpoint_exports_the_weights_of_final(deepspeed_run, tmp_path):
     out = tmp_path / "out"
-    proc = export_process(str(deepspeed_run / "checkpoints" / "step-2"), str(out), cwd=tmp_path)
+    proc = export_process(str(deepspeed_run / "checkpoints" / "step-20"), str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert files_under(out) == [".ringleader-export", "config.yaml", "model.safetensors"]
     assert_same_tensors(load_file(str(out / "model.safetensors")), load_file(str(deepspeed_run / "final" / "model.safetensors")))
@@ -363,7 +360,7 @@ def test_crafted_deepspeed_file_runs_nothing_on_export(relative, deepspeed_run, 
     """DeepSpeed's zero_to_fp32 calls torch.load(weights_only=False): a file pickling a command,
     its marker re-recorded, must be refused in one line naming it."""
     run_dir = copy_run(deepspeed_run, tmp_path)
-    checkpoint = run_dir / "checkpoints" / "step-2"
+    checkpoint = run_dir / "checkpoints" / "step-20"
     sentinel = tmp_path / "code-ran"
     buffer = io.BytesIO()
     torch.save({"module": {}, "payload": RunsCode(f"touch {shlex.quote(str(sentinel))}")}, buffer)

@@ -1,8 +1,10 @@
 """DDP, FSDP2 and DeepSpeed ZeRO 1/2/3 behind one interface, for real: 2 CPU ranks on gloo.
 
-One run per strategy (20 steps, accumulation 2, a checkpoint at step 10) serves several tests:
-the same losses as DDP, exact resume, export and warm start. DeepSpeed start-up costs a few
-seconds per run; the first run on a machine JIT-builds DeepSpeed's shm comm op once.
+One run per strategy (20 steps, accumulation 2, a checkpoint at step 10: tests/conftest.py
+strategy_runs, made once per session) serves several tests: the same losses as DDP, exact resume,
+export and warm start. DeepSpeed start-up costs a few seconds per run; the first run on a machine
+JIT-builds DeepSpeed's shm comm op once. zero1 runs with RINGLEADER_SLOW=1: ringleader drives it
+as zero2 (only the stage number DeepSpeed gets differs), which runs by default.
 zero3_offload JIT-builds DeepSpeed's CPU Adam (about a minute the first time, cached after) and
 runs slowly on two cores: its test runs with RINGLEADER_SLOW=1.
 """
@@ -16,10 +18,11 @@ import pytest
 import torch
 
 from tests.checkpoint_tools import assert_same_tensors, log_of, read_dcp
-from tests.conftest import SLOW_VARIANT, TINY, Run, launcher_env, run_launcher
+from tests.conftest import SLOW_VARIANT, STRATEGY_JOB, TINY, Run, launcher_env, run_launcher
 
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-COMMON = [*TINY, "train.max_steps=20", "train.gradient_accumulation_steps=2", "train.save_strategy=steps", "train.save_steps=10", "train.save_total_limit=2"]
+COMMON = STRATEGY_JOB
+# zero2's path with DeepSpeed's stage 1 (ringleader's code is the same but for the stage number).
+ZERO1 = pytest.param("zero1", marks=SLOW_VARIANT)
 # Same seed, data and fp32 math; only the order of floating-point reductions differs (bucketed
 # all-reduce vs reduce-scatter, the norm over flat partitions or DTensor shards).
 LOSS_RTOL = 1e-5
@@ -30,16 +33,16 @@ def args(strategy: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Run]:
-    root = tmp_path_factory.mktemp("strategies")
-    return {s: run_launcher(root / s, *args(s)) for s in STRATEGIES}
+def runs(strategy_runs) -> dict[str, Run]:
+    """run_launcher(dir, *args(strategy)) per strategy, made when first asked for (tests/conftest.py)."""
+    return strategy_runs
 
 
 def losses(run: Run) -> list[float]:
     return [m["loss"] for m in run.metrics() if "loss" in m]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES[1:])
+@pytest.mark.parametrize("strategy", ["fsdp", ZERO1, "zero2", "zero3"])
 def test_same_losses_as_ddp(runs, strategy):
     ref, got = losses(runs["ddp"]), losses(runs[strategy])
     assert len(ref) == len(got) == 20
@@ -81,7 +84,7 @@ def test_fsdp_async_save_holds_the_state_of_its_step(runs, tmp_path):
     assert_same_tensors(run.weights(), runs["fsdp"].weights())
 
 
-@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", [ZERO1, "zero2", "zero3"])
 def test_deepspeed_checkpoints_go_through_the_manager(runs, strategy):
     ckpt = runs[strategy].run_dir / "checkpoints" / "step-10"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "trainer_state.json").is_file()
@@ -90,7 +93,7 @@ def test_deepspeed_checkpoints_go_through_the_manager(runs, strategy):
     assert not list(ckpt.rglob("latest")), "DeepSpeed's `latest` file is never written or read"
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES[1:])
+@pytest.mark.parametrize("strategy", ["fsdp", ZERO1, "zero2", "zero3"])
 def test_export_is_the_same_consolidated_model(runs, strategy):
     """final/model.safetensors of every strategy has DDP's keys, shapes and fp32 dtype, loads into
     the plain model, and holds nearly DDP's weights (Adam amplifies reduction-order noise)."""
@@ -107,15 +110,28 @@ def test_export_is_the_same_consolidated_model(runs, strategy):
         assert torch.allclose(got[k], ref[k], rtol=1e-3, atol=1e-4), k
 
 
-@pytest.mark.parametrize("source,target,nproc", [("zero3", "ddp", 1), pytest.param("fsdp", "zero2", 2, marks=SLOW_VARIANT)])
-def test_warm_start_across_strategies_and_world_sizes(runs, source, target, nproc, tmp_path):
+def warm_start(runs, source: str, target: str, nproc: int, run_dir) -> Run:
+    """source's final/ starts target on nproc ranks: one SGD step at a learning rate of 1e-12, saved."""
+    init = runs[source].run_dir / "final" / "model.safetensors"
+    return run_launcher(
+        run_dir, *TINY, f"strategy={target}", f"cluster.nproc_per_node={nproc}", f"model.init_from={init}",
+        "optimizer=sgd", "optimizer.learning_rate=1e-12", "optimizer.momentum=0", "train.max_steps=1", "train.save_strategy=steps", "train.save_steps=1",
+    )
+
+
+@pytest.fixture(scope="module")
+def zero2_one_rank(runs, tmp_path_factory) -> Run:
+    """zero3's export warm-starting zero2 on one rank: the warm start's default case, and DeepSpeed's
+    run on one rank (test_deepspeed_on_one_rank)."""
+    return warm_start(runs, "zero3", "zero2", 1, tmp_path_factory.mktemp("warm") / "run")
+
+
+@pytest.mark.parametrize("source,target,nproc", [("zero3", "zero2", 1), pytest.param("fsdp", "zero2", 2, marks=SLOW_VARIANT), pytest.param("zero3", "ddp", 1, marks=SLOW_VARIANT)])
+def test_warm_start_across_strategies_and_world_sizes(runs, source, target, nproc, tmp_path, request):
     """Weights exported by one strategy start another, on another world size. A learning rate of
     1e-12 leaves them in place, so the export of the new run must equal the source."""
-    init = runs[source].run_dir / "final" / "model.safetensors"
-    run = run_launcher(
-        tmp_path / "warm", *TINY, f"strategy={target}", f"cluster.nproc_per_node={nproc}", f"model.init_from={init}",
-        "optimizer=sgd", "optimizer.learning_rate=1e-12", "optimizer.momentum=0", "train.max_steps=1",
-    )
+    default = (source, target, nproc) == ("zero3", "zero2", 1)
+    run = request.getfixturevalue("zero2_one_rank") if default else warm_start(runs, source, target, nproc, tmp_path / "warm")
     a, b = runs[source].weights(), run.weights()
     assert a.keys() == b.keys()
     for k in a:
@@ -146,9 +162,9 @@ def test_zero3_offload_trains_and_matches(runs, tmp_path):
         assert abs(a - b) <= 1e-3 * abs(a)
 
 
-def test_deepspeed_on_one_rank(tmp_path):
+def test_deepspeed_on_one_rank(zero2_one_rank):
     """A single GPU is one rank: DeepSpeed's engine needs a process group even then (it failed with
-    "Distributed backend is not initialized"). Same check on one CPU rank."""
-    run = run_launcher(tmp_path / "run", *TINY, "train.max_steps=4", "strategy=zero2", "cluster.nproc_per_node=1", "train.save_strategy=steps", "train.save_steps=4")
-    assert run.result()["status"] == "completed" and run.plan()["world_size"] == 1
-    assert (run.run_dir / "checkpoints" / "step-4" / "COMPLETE").is_file()
+    "Distributed backend is not initialized"). Same check on one CPU rank: zero2 trains and saves."""
+    run = zero2_one_rank
+    assert run.result()["status"] == "completed" and run.plan()["world_size"] == 1 and run.plan()["strategy"] == "zero2"
+    assert (run.run_dir / "checkpoints" / "step-1" / "COMPLETE").is_file()
