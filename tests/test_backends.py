@@ -73,14 +73,13 @@ def cluster_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from tests.slurm_cluster import LocalSlurmCluster, missing_packages
+def cluster(request: pytest.FixtureRequest):
+    """The session's cluster (tests/conftest.py slurm_cluster), started here only when a SLURM test runs."""
+    from tests.slurm_cluster import missing_packages
 
     if missing_packages() and os.geteuid() != 0:
         pytest.skip("SLURM is not installed and installing it needs root: bash tests/run.sh as root")
-    c = LocalSlurmCluster().start()
-    yield c
-    c.stop()
+    return request.getfixturevalue("slurm_cluster")
 
 
 def wait_for(what: str, check, timeout: float = 120) -> None:
@@ -93,13 +92,18 @@ def wait_for(what: str, check, timeout: float = 120) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_start_status_logs_and_cancel(name: str, cluster_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_start_status_logs_and_cancel(name: str, cluster_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     if "SLURM_CONF" in cluster_env:
         monkeypatch.setenv("SLURM_CONF", cluster_env["SLURM_CONF"])
     backend = backend_for(name)
 
-    # start: the plan runs to its result (SLURM: followed to the end with cluster.wait=true).
-    done = run_launcher(tmp_path / "done", *TINY, *PLACE[name], "train.max_steps=3", "cluster.wait=true", "cluster.rdzv_port=29631", env=cluster_env, timeout=240)
+    # start: the plan runs to its result (SLURM: followed to the end with cluster.wait=true; local:
+    # the session's 1-rank run, tests/conftest.py, started by the same launcher through this backend).
+    if name == "local":
+        done = request.getfixturevalue("one_rank_run")
+        assert done.plan()["cluster"] == "local"
+    else:
+        done = run_launcher(tmp_path / "done", *TINY, *PLACE[name], "train.max_steps=3", "cluster.wait=true", "cluster.rdzv_port=29631", env=cluster_env, timeout=240)
     assert done.result()["status"] == "completed"
     job = recorded_job(done.run_dir)
     if job is None:  # the local backend: the run was the launcher's child, nothing to query

@@ -267,21 +267,27 @@ def test_real_runs_step_as_trainer_with_token_exact_partial_steps(tmp_path):
 # -- a run directory from before a key existed -----------------------------------------------------
 
 
-def test_a_checkpoint_written_before_a_key_existed_resumes(tmp_path):
+def test_a_checkpoint_written_before_a_key_existed_resumes(one_rank_run, tmp_path):
     """A run saved by a ringleader whose schema lacked train.dataloader_drop_last and
     train.label_smoothing_factor (their lines taken out of its config.yaml, the checkpoint's marker
     re-described as that ringleader wrote it): a missing key is its default, not a config change.
     The launcher and the ranks both resume; a value other than the default is still refused."""
+    import shutil
+
     import yaml
 
     from trainer.durable import crc32_of
 
-    from tests.conftest import TINY
+    from tests.conftest import ONE_RANK_JOB
 
+    # A copy of the session's 1-rank run (tests/conftest.py) as if it had died in step 3, after
+    # saving step 2: step-4, final/ and result.json gone.
     run_dir = tmp_path / "run"
-    saving = [*TINY, "cluster.nproc_per_node=1", "train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2", "train.report_to=[]"]
-    crashed = run_launcher(run_dir, *saving, env=launcher_env(RINGLEADER_FAULT="step:0:3"), check=False)  # dies in step 3, after saving step 2
-    assert crashed.code != 0
+    shutil.copytree(one_rank_run.run_dir, run_dir)
+    for gone in ("checkpoints/step-4", "final"):
+        shutil.rmtree(run_dir / gone)
+    (run_dir / "result.json").unlink()
+    saving = ONE_RANK_JOB
     checkpoint = run_dir / "checkpoints" / "step-2"
     for path in (run_dir / "config.yaml", checkpoint / "config.yaml"):
         config = yaml.safe_load(path.read_text())
