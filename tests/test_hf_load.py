@@ -1,7 +1,7 @@
 """Loading pretrained transformers weights the way that scales (trainer/safetensors_reader.py,
 trainer/hf_model.py): the file reader returns what safetensors' own loader does, and under ZeRO-3
 on 2 gloo ranks ringleader's rank-0 streaming load gives exactly from_pretrained's weights (fp32
-and bf16, tied head, persistent names), falling back to transformers' loader where it must.
+and bf16, tied head), falling back to transformers' loader where it must (a slower variant).
 Host memory is measured by benchmarks/bench_hf_load.py. Offline."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import SLOW_VARIANT
 from trainer import hf_model
 from trainer.hf_model import SHIPPED_TINY, HFModelSpec, build_causal_lm
 from trainer.safetensors_reader import SafetensorsReader
@@ -56,36 +57,50 @@ def test_reader_reads_what_safetensors_loads(tmp_path):
         SafetensorsReader([tmp_path / "cut.safetensors"])
 
 
-def test_zero3_rank0_streaming_load_equals_from_pretrained(tmp_path):
-    """2 ranks: each parameter partitioned as built, rank 0 reads each weight into it; the
-    gathered weights equal from_pretrained's bit for bit, in fp32 and in bf16 (zero.Init's dtype
-    under train.bf16); a folder with .bin weights only goes through transformers' loader."""
+def zero3_load(tmp_path, cases: dict[str, tuple[str, torch.dtype]]) -> None:
+    """Load each case (name: (source folder, dtype)) on 2 ranks through trainer/build.py's zero3
+    path (tests/assets/hf_zero3_load.py), then compare the gathered weights with from_pretrained's."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     src = build_causal_lm(HFModelSpec(config=str(SHIPPED_TINY / "config.json")), seed=7)
     folder = hf_model.save_pretrained_dir(tmp_path / "src", src.state_dict(), config=src.config)
-    legacy = tmp_path / "legacy"
+    legacy = tmp_path / "legacy"  # the same weights as .bin only: transformers' loader must take it
     legacy.mkdir()
     shutil.copy(folder / "config.json", legacy / "config.json")
     torch.save(src.state_dict(), legacy / "pytorch_model.bin")
+    where = {"safetensors": folder, "bin": legacy}
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     script = os.path.join(ROOT, "tests", "assets", "hf_zero3_load.py")
-    cases = {"fp32": f"{folder}:float32", "bf16": f"{folder}:bfloat16", "bin": f"{legacy}:float32"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, str(tmp_path), *(f"{k}={v}" for k, v in cases.items())],
+    args = [f"{name}={where[kind]}:{str(dtype).removeprefix('torch.')}" for name, (kind, dtype) in cases.items()]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, str(tmp_path), *args],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    for case, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("bin", torch.float32)):
-        info = json.loads((tmp_path / f"{case}.json").read_text())
-        assert info["fallback"] is (case == "bin"), (case, info["said"])
-        assert info["tied"] and info["training"] is False and info["inv_freq_dtype"] == "torch.float32", (case, info)
-        assert info["dtype"] == str(dtype) and info["config_dtype"] == str(dtype), (case, info)
+    for name, (kind, dtype) in cases.items():
+        info = json.loads((tmp_path / f"{name}.json").read_text())
+        assert info["fallback"] is (kind == "bin"), (name, info["said"])
+        assert info["tied"] and info["training"] is False and info["inv_freq_dtype"] == "torch.float32", (name, info)
+        assert info["dtype"] == str(dtype) and info["config_dtype"] == str(dtype), (name, info)
         assert info["local"] <= info["total"] // 2 + 1000  # partitioned: half the elements on rank 0
         ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).state_dict()
-        got = load_file(str(tmp_path / f"{case}.safetensors"))
-        assert sorted(got) == sorted(ref), case
+        got = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert sorted(got) == sorted(ref), name
         for k, v in ref.items():
-            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (case, k)
-        if case != "bin":
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (name, k)
+        if kind != "bin":
             assert info["name_or_path"] == str(folder)
+
+
+def test_zero3_rank0_streaming_load_equals_from_pretrained(tmp_path):
+    """2 ranks: each parameter partitioned as built, rank 0 reads each weight and scatters it into
+    the partitions; the gathered weights equal from_pretrained's bit for bit, in fp32 and in bf16
+    (zero.Init's dtype under train.bf16), the head tied, the module in eval mode as from_pretrained
+    leaves it. The default suite's one real run of zero3 pretrained loading."""
+    zero3_load(tmp_path, {"fp32": ("safetensors", torch.float32), "bf16": ("safetensors", torch.bfloat16)})
+
+
+@SLOW_VARIANT
+def test_zero3_bin_weights_go_through_transformers_loader(tmp_path):
+    """A folder with .bin weights only: every rank agrees to hand it to transformers' ZeRO-3
+    from_pretrained (the path ringleader used before), with the same weights."""
+    zero3_load(tmp_path, {"bin": ("bin", torch.float32)})
