@@ -21,10 +21,11 @@ def sweep(sweep_dir: Path, *overrides: str, timeout: float = 600) -> subprocess.
 
 
 def test_local_grid_sweep_runs_every_trial_and_marks_the_best(tmp_path):
-    proc = sweep(tmp_path / "sweep", "optimizer.learning_rate=1e-3,3e-3", "scheduler=cosine,constant", *TINY, *EVAL)
+    """Two trials (two learning rates) show it: each ran, the best is marked, the summary rebuilds."""
+    proc = sweep(tmp_path / "sweep", "optimizer.learning_rate=1e-3,3e-3", *TINY, *EVAL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())
-    assert len(rows) == 4
+    assert len(rows) == 2
     assert {r["status"] for r in rows} == {"completed"}
     finals = {}
     for r in rows:
@@ -34,9 +35,9 @@ def test_local_grid_sweep_runs_every_trial_and_marks_the_best(tmp_path):
         assert r["eval_loss"] == result["metrics"]["eval_loss"]
     best = [r for r in rows if r["best"]]
     assert len(best) == 1 and best[0]["trial"] == min(finals, key=finals.get)
-    assert len(set(finals.values())) == 4  # the trials really differ
+    assert len(set(finals.values())) == 2  # the trials really differ
     with open(tmp_path / "sweep" / "summary.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 2
     png = (tmp_path / "sweep" / "eval_loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "sweep summary" in proc.stdout and " *" in proc.stdout
@@ -93,13 +94,13 @@ def test_the_sweep_summary_ranks_by_metric_for_best_model(tmp_path):
 def test_optuna_sweep_over_the_learning_rate(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = sweep(
-        tmp_path / "sweep", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=minimize",
+        tmp_path / "sweep", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=minimize",
         "optimizer.learning_rate=tag(log,interval(1e-4,3e-2))", "cluster.nproc_per_node=1", *TINY, *EVAL,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
     optuna = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     best = next(r for r in rows if r["best"])
     assert f"best_value: {best['eval_loss']}" in optuna
-    assert len({r["overrides"].split()[0] for r in rows}) == 3  # three different learning rates
+    assert len({r["overrides"].split()[0] for r in rows}) == 2  # two different learning rates
