@@ -15,13 +15,14 @@ import logging
 import os
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.checkpoint_tools import assert_same_tensors, checkpoint_steps, flip_byte, job, log_of, plant_code_in_metadata, read_dcp, train_losses
-from tests.conftest import SLOW_VARIANT, launcher_env, run_launcher
+from tests.conftest import SLOW_VARIANT, Run, launcher_env, run_launcher, side_by_side
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.loop import LoopState
 
@@ -163,14 +164,31 @@ def test_a_missing_resume_path_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_load_best_model_at_end_keeps_the_best_and_the_newest(tmp_path):
+# A high learning rate makes eval_loss best at step 4 of 8 (test_load_best_model_at_end_keeps_the_best_and_the_newest).
+# One rank with accumulation 4: the job's 16 samples a step, as 2 ranks x 2 (the loss is token-exact).
+BEST = job(**{
+    "cluster.nproc_per_node": 1, "train.gradient_accumulation_steps": 4,
+    "model.dropout": 0.0, "train.max_steps": 8, "optimizer.learning_rate": 0.03, "scheduler": "constant",
+    "train.eval_strategy": "steps", "train.eval_steps": 2, "train.save_steps": 2, "train.save_total_limit": 1,
+    "train.load_best_model_at_end": "true",
+})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Run]:
+    """The real jobs whose tests need no timing, side by side (tests/conftest.py), named after their
+    tests; the stalled rank (a timeout) runs alone."""
+    root = tmp_path_factory.mktemp("jobs")
+    return side_by_side(
+        best=partial(run_launcher, root / "best", *BEST),
+        commit_error=partial(run_launcher, root / "commit_error", *job(**{"train.max_steps": 4}), env=launcher_env(RINGLEADER_FAULT="save-marker:0:4:error"), check=False, timeout=240),
+    )
+
+
+def test_load_best_model_at_end_keeps_the_best_and_the_newest(runs):
     """A high learning rate makes eval_loss best at step 4 of 8; with save_total_limit=1 the best
     and the newest checkpoint survive, and the final weights are the best checkpoint's."""
-    run = run_launcher(tmp_path / "run", *job(**{
-        "model.dropout": 0.0, "train.max_steps": 8, "optimizer.learning_rate": 0.03, "scheduler": "constant",
-        "train.eval_strategy": "steps", "train.eval_steps": 2, "train.save_steps": 2, "train.save_total_limit": 1,
-        "train.load_best_model_at_end": "true",
-    }))
+    run = runs["best"]  # BEST
     assert run.result()["best_step"] == 4, "the scenario needs a best checkpoint older than the newest"
     assert checkpoint_steps(run.run_dir) == [4, 8]
     best = {k.removeprefix("/model/"): v for k, v in read_dcp(run.run_dir / "checkpoints" / "step-4" / "dcp").items() if k.startswith("/model/")}
@@ -301,10 +319,10 @@ def test_a_checkpoint_of_another_config_is_refused_by_the_ranks_unless_allowed(t
     assert allowed.restore("auto", tiny_strategy())[0] == step1
 
 
-def test_a_commit_error_on_rank_0_ends_every_rank_with_it(tmp_path):
+def test_a_commit_error_on_rank_0_ends_every_rank_with_it(runs):
     """Rank 0's part of step 4's commit fails (an OSError, as a full disk would give). Rank 1 must
     learn it from rank 0 at once and fail the same save, not wait at a barrier for ddp_timeout."""
-    run = run_launcher(tmp_path / "run", *job(**{"train.max_steps": 4}), env=launcher_env(RINGLEADER_FAULT="save-marker:0:4:error"), check=False, timeout=240)
+    run = runs["commit_error"]  # 4 steps, RINGLEADER_FAULT=save-marker:0:4:error
     assert run.code != 0
     assert "OSError: fault injection" in log_of(run.run_dir, 0)
     assert "rank 0 could not commit the checkpoint" in log_of(run.run_dir, 1)

@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 
 from tests.checkpoint_tools import assert_same_tensors, checkpoint_steps, log_of, read_dcp
-from tests.conftest import ROOT, TINY, launcher_env, run_launcher
+from tests.conftest import ROOT, TINY, Run, launcher_env, run_launcher, side_by_side
 
 
 def test_a_position_past_the_last_whole_step_starts_the_next_epoch():
@@ -45,15 +46,32 @@ def test_an_epoch_with_nothing_left_raises_instead_of_spinning():
 
 # 148 training samples of 32 tokens; 2 per device x 2 accumulation.
 GROWS = [*TINY, "data.max_bytes=5000", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=45", "train.save_strategy=steps", "train.save_steps=12", "train.report_to=[]"]
+BEST_WITHOUT_CHECKPOINT = [
+    *TINY, "train.eval_strategy=steps", "train.eval_steps=2", "train.save_strategy=steps", "train.save_steps=4", "train.save_total_limit=1",
+    "train.load_best_model_at_end=true", "train.greater_is_better=true", "optimizer.learning_rate=3e-3", "train.report_to=[]",
+]
+FRESH_START = [*TINY, "train.max_steps=12", "train.save_strategy=steps", "train.save_steps=4", "train.resume=none", "cluster.max_restarts=1", "train.report_to=[]"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Run]:
+    """The runs that need no timing, side by side (tests/conftest.py), named after their tests;
+    the SIGTERM test runs alone. test_resume_on_more_ranks resumes its own run afterwards."""
+    root = tmp_path_factory.mktemp("loop_holes")
+    return side_by_side(
+        more_ranks=partial(run_launcher, root / "more_ranks", *GROWS, "cluster.nproc_per_node=1", env=launcher_env(RINGLEADER_FAULT="step:0:37"), check=False),
+        best=partial(run_launcher, root / "best", *BEST_WITHOUT_CHECKPOINT),
+        fresh_start=partial(run_launcher, root / "fresh_start", *FRESH_START, env=launcher_env(RINGLEADER_FAULT="step:1:10")),
+    )
 
 
 @pytest.mark.slow
-def test_resume_on_more_ranks_past_the_epoch_end_goes_on_to_the_next_epoch(tmp_path):
+def test_resume_on_more_ranks_past_the_epoch_end_goes_on_to_the_next_epoch(runs):
     """1 rank saves step 36 at sample 144 of 148 and dies; the rerun on 2 ranks steps 8 samples at a
     time and plans 144 usable samples an epoch. Before, the sampler yielded nothing and every rank
     spun forever; now the run goes on from epoch 1 and ends."""
-    run_dir = tmp_path / "run"
-    first = run_launcher(run_dir, *GROWS, "cluster.nproc_per_node=1", env=launcher_env(RINGLEADER_FAULT="step:0:37"), check=False)
+    first = runs["more_ranks"]  # GROWS on 1 rank, killed at step 37
+    run_dir = first.run_dir
     assert first.code != 0 and checkpoint_steps(run_dir)[-1] == 36
     saved = json.loads((run_dir / "checkpoints" / "step-36" / "trainer_state.json").read_text())["loop"]
     assert (saved["epoch"], saved["consumed"]) == (0, 144)
@@ -63,15 +81,12 @@ def test_resume_on_more_ranks_past_the_epoch_end_goes_on_to_the_next_epoch(tmp_p
     assert [m["epoch"] for m in resumed.metrics() if m.get("step") == 37 and "loss" in m] == [1.0]
 
 
-def test_load_best_model_at_end_loads_the_best_evaluation_that_has_a_checkpoint(tmp_path):
+def test_load_best_model_at_end_loads_the_best_evaluation_that_has_a_checkpoint(runs):
     """Evaluations at 2, 4, 6, 8, checkpoints at 4 and 8. greater_is_better makes the highest
     eval_loss the best: step 2's, which has no checkpoint. Before, the run failed at its very end
     looking for step-2; now the best with a checkpoint (step 4) is loaded and kept by retention."""
-    run_dir = tmp_path / "run"
-    run = run_launcher(
-        run_dir, *TINY, "train.eval_strategy=steps", "train.eval_steps=2", "train.save_strategy=steps", "train.save_steps=4", "train.save_total_limit=1",
-        "train.load_best_model_at_end=true", "train.greater_is_better=true", "optimizer.learning_rate=3e-3", "train.report_to=[]",
-    )
+    run = runs["best"]  # BEST_WITHOUT_CHECKPOINT
+    run_dir = run.run_dir
     evals = {e["step"]: e["eval_loss"] for e in run.metrics() if "eval_loss" in e and e["step"] > 0}  # step 0: the baseline, never tracked
     assert max(evals, key=evals.get) == 2, evals  # the best evaluation has no checkpoint
     assert "loaded the best model (step 4," in log_of(run_dir)
@@ -105,11 +120,10 @@ def test_sigterm_during_a_long_evaluation_still_writes_the_stop_checkpoint(tmp_p
     assert "stalled" not in log_of(run_dir) + log_of(run_dir, 1)
 
 
-def test_an_elastic_restart_of_a_fresh_start_continues_its_own_progress(tmp_path):
+def test_an_elastic_restart_of_a_fresh_start_continues_its_own_progress(runs):
     """train.resume=none asks for a fresh start, once: when rank 1 dies at step 10 and torchrun
     restarts the workers, they resume from this run's step-8, not from scratch."""
-    run_dir = tmp_path / "run"
-    run = run_launcher(run_dir, *TINY, "train.max_steps=12", "train.save_strategy=steps", "train.save_steps=4", "train.resume=none", "cluster.max_restarts=1",
-                       env=launcher_env(RINGLEADER_FAULT="step:1:10"))
+    run = runs["fresh_start"]  # FRESH_START, rank 1 killed at step 10
+    run_dir = run.run_dir
     assert run.result()["status"] == "completed" and run.result()["global_step"] == 12
     assert f"resumed from {run_dir / 'checkpoints' / 'step-8'} at step 8" in log_of(run_dir)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,11 @@ import pytest
 from launcher.rundir import DEFAULT_NAME, is_default_name, make_unique, running_job
 from launcher.trajectory import EFFECTIVE_BATCH, changed_keys
 from tests.checkpoint_tools import checkpoint_steps, job
-from tests.conftest import ROOT, Run, launcher_env, run_launcher
+from tests.conftest import ROOT, Run, launcher_env, run_launcher, side_by_side
 
-# 4 steps, a checkpoint at step 4, a constant learning rate: what the resumes below continue.
-FIRST = {"train.max_steps": 4, "scheduler": "constant", "optimizer.learning_rate": 0.001, "model.dropout": 0.0}
+# 4 steps, a checkpoint at step 4, a constant learning rate: what the resumes below continue. One
+# rank: what a run directory means does not depend on how many ranks wrote it.
+FIRST = {"train.max_steps": 4, "scheduler": "constant", "optimizer.learning_rate": 0.001, "model.dropout": 0.0, "cluster.nproc_per_node": 1}
 
 
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -97,11 +99,24 @@ def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(first):
     assert tree(first) == before
 
 
-def test_overwrite_output_dir_starts_over_keeping_the_users_files(first, tmp_path):
-    run_dir = copy_of(first, tmp_path)
-    (run_dir / "notes.txt").write_text("mine")
-    (run_dir / "checkpoints" / "mine").mkdir()
-    run = run_launcher(run_dir, *job(**{**FIRST, "train.max_steps": 2, "train.save_steps": 2}), "train.resume=none", "train.overwrite_output_dir=true")
+@pytest.fixture(scope="module")
+def continued(first, tmp_path_factory) -> dict[str, Run]:
+    """Two copies of `first` run again, side by side (tests/conftest.py), named after their tests:
+    one started over with overwrite_output_dir (a user's files planted in it first), one resumed
+    with a new learning rate and resume_with_changed_config."""
+    root = tmp_path_factory.mktemp("continued")
+    overwrite = copy_of(first, root / "overwrite")
+    (overwrite / "notes.txt").write_text("mine")
+    (overwrite / "checkpoints" / "mine").mkdir()
+    return side_by_side(
+        overwrite=partial(run_launcher, overwrite, *job(**{**FIRST, "train.max_steps": 2, "train.save_steps": 2}), "train.resume=none", "train.overwrite_output_dir=true"),
+        changed=partial(run_launcher, copy_of(first, root / "changed"), *job(**{**FIRST, "optimizer.learning_rate": 0.002, "train.max_steps": 6}), "train.resume_with_changed_config=true"),
+    )
+
+
+def test_overwrite_output_dir_starts_over_keeping_the_users_files(continued):
+    run = continued["overwrite"]  # first's copy with notes.txt and checkpoints/mine, 2 steps, train.resume=none train.overwrite_output_dir=true
+    run_dir = run.run_dir
     assert "train.overwrite_output_dir: removed" in run.output
     assert checkpoint_steps(run_dir) == [2], "the earlier run's step-4 is gone: resume=auto cannot continue the other run"
     assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "checkpoints" / "mine").is_dir()
@@ -109,11 +124,11 @@ def test_overwrite_output_dir_starts_over_keeping_the_users_files(first, tmp_pat
     assert_refused(run_launcher(run_dir, *job(**FIRST), "train.overwrite_output_dir=true", check=False), "train.overwrite_output_dir", "train.resume=none")
 
 
-def test_resume_with_changed_config_applies_the_new_learning_rate(first, tmp_path):
+def test_resume_with_changed_config_applies_the_new_learning_rate(continued):
     """Opt-in: the schedule is rebuilt from the new config at the restored step, so the steps after
     the resume log the new learning rate (the restored scheduler would keep 0.001)."""
-    run_dir = copy_of(first, tmp_path)
-    run = run_launcher(run_dir, *job(**{**FIRST, "optimizer.learning_rate": 0.002, "train.max_steps": 6}), "train.resume_with_changed_config=true")
+    run = continued["changed"]  # first's copy resumed to step 6 with optimizer.learning_rate=0.002
+    run_dir = run.run_dir
     rates = {e["step"]: e["learning_rate"] for e in run.metrics() if "learning_rate" in e}
     assert [rates[s] for s in (1, 2, 3, 4)] == [0.001] * 4
     assert [rates[s] for s in (5, 6)] == [0.002] * 2, rates
@@ -129,7 +144,8 @@ def test_a_second_launch_into_a_running_run_directory_is_refused_naming_the_hold
     lock; a second launch into the same directory is refused naming its pid; the first completes."""
     run_dir = tmp_path / "run"
     slow = launcher_env(RINGLEADER_FAULT=",".join(f"step:0:{s}:delay" for s in (1, 2, 3)))
-    args = [sys.executable, "-m", "launcher", *job(**{"train.max_steps": 4}), f"train.output_dir={run_dir}"]
+    holder_job = job(**{"train.max_steps": 4, "cluster.nproc_per_node": 1})  # the lock is the launcher's: one rank will do
+    args = [sys.executable, "-m", "launcher", *holder_job, f"train.output_dir={run_dir}"]
     holder = subprocess.Popen(args, cwd=ROOT, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -137,7 +153,7 @@ def test_a_second_launch_into_a_running_run_directory_is_refused_naming_the_hold
             time.sleep(0.2)
         assert (run_dir / ".lock").read_text().startswith(f"pid {holder.pid} on ")
         config = (run_dir / "config.yaml").read_bytes()
-        second = run_launcher(run_dir, *job(**{"train.max_steps": 4}), check=False)
+        second = run_launcher(run_dir, *holder_job, check=False)
         assert_refused(second, "train.output_dir", f"in use by pid {holder.pid} on ")
         assert (run_dir / "config.yaml").read_bytes() == config
         assert holder.poll() is None, "the refusal must not have waited for the first run"
@@ -148,7 +164,7 @@ def test_a_second_launch_into_a_running_run_directory_is_refused_naming_the_hold
     assert holder.returncode == 0, err[-2000:]
     assert '"status": "completed"' in (run_dir / "result.json").read_text()
     # Once it has ended, the directory is free again: a rerun resumes (and finds nothing to do).
-    assert run_launcher(run_dir, *job(**{"train.max_steps": 4})).code == 0
+    assert run_launcher(run_dir, *holder_job).code == 0
 
 
 @pytest.mark.slow

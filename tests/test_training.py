@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.checkpoint_tools import log_of
-from tests.conftest import ROOT, SLOW_VARIANT, TINY, launcher_env, run_launcher
+from tests.conftest import ONE_RANK, ROOT, SLOW_VARIANT, TINY, Run, launcher_env, run_launcher, side_by_side
 
 
 def rel_close(a: dict, b: dict, tol: float) -> None:
@@ -22,8 +24,43 @@ def rel_close(a: dict, b: dict, tol: float) -> None:
         assert diff / scale <= tol, f"{k}: relative difference {diff / scale:.3g} > {tol}"
 
 
-def test_job_trains_and_fills_the_run_directory(tmp_path):
-    run = run_launcher(tmp_path / "run", *TINY, "train.max_steps=30", "train.logging_steps=5", "train.eval_strategy=steps", "train.eval_steps=15", "optimizer.learning_rate=3e-3", "scheduler=constant_with_warmup")
+# The jobs of this file's tests, each under its test below; `runs` starts them side by side.
+SCHEDULE = ["train.max_steps=12", "scheduler.warmup_steps=0", "scheduler.warmup_ratio=0.25", "optimizer.learning_rate=0.01", "cluster.nproc_per_node=1", "train.report_to=[]"]
+EPOCHS = [
+    *TINY, "train.max_steps=-1", "train.num_train_epochs=2", "data.max_bytes=60000", "cluster.nproc_per_node=1", "train.report_to=[]",
+    "train.eval_strategy=steps", "train.eval_steps=2", "train.early_stopping_patience=2", "train.early_stopping_threshold=100",
+]
+BF16 = [*TINY, "train.bf16=true", "train.max_steps=12", "optimizer.learning_rate=3e-3", "cluster.nproc_per_node=1", "train.report_to=[]"]
+BOOM = [*TINY, "optimizer=sgd", "optimizer.learning_rate=1e12", "optimizer.momentum=0", "train.max_grad_norm=0", "train.max_steps=6", "train.report_to=[]"]
+OVERFLOW = [*TINY, "train.max_steps=5", "train.nonfinite=skip", "scheduler=linear", "train.report_to=[]"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Run]:
+    """The runs this file's tests only read, made once, side by side (tests/conftest.py). The
+    default schedule's run is here; the slower variants and test_ctrl_c (a signal) run their own."""
+    root = tmp_path_factory.mktemp("training")
+    return side_by_side(
+        cosine=partial(run_launcher, root / "cosine", *TINY, "scheduler=cosine", *SCHEDULE),
+        epochs=partial(run_launcher, root / "epochs", *EPOCHS),
+        checkpointing=partial(run_launcher, root / "checkpointing", *ONE_RANK, "train.gradient_checkpointing=true"),
+        bf16=partial(run_launcher, root / "bf16", *BF16),
+        nonfinite_error=partial(run_launcher, root / "error", *BOOM, check=False),
+        nonfinite_skip=partial(run_launcher, root / "skip", *BOOM, "train.nonfinite=skip", "scheduler=linear"),
+        overflow=partial(run_launcher, root / "overflow", *OVERFLOW, env=launcher_env(RINGLEADER_FAULT="overflow:1:3")),
+        user_code=partial(
+            run_launcher, root / "user_code", "--config-dir", str(user_config_dir(root / "conf")), "model=bigram", "data=counting", *TINY[5:],
+            "train.max_steps=20", "optimizer.learning_rate=0.05", "train.report_to=[]",
+        ),
+        text_files=partial(
+            run_launcher, root / "text_files", *TINY, "data=text_files", f"data.paths=[{text_corpus(root / 'corpus')}/*.txt]", "data.seq_len=32", "data.max_bytes=0",
+            "train.max_steps=10", "cluster.nproc_per_node=1", "train.report_to=[]",
+        ),
+    )
+
+
+def test_job_trains_and_fills_the_run_directory(shared_runs):
+    run = shared_runs["trains"]  # tests/conftest.py TRAINS: 30 steps, evaluations at 15 and 30
     d = run.run_dir
     for name in ("config.yaml", "plan.json", "metrics.jsonl", "result.json", "logs/rank-0.log", "logs/rank-1.log", "final/model.safetensors", "final/config.yaml"):
         assert (d / name).is_file(), name
@@ -84,9 +121,9 @@ def test_accumulation_equals_one_larger_batch(optimizer, tol, tmp_path):
 # One real run per behaviour: every schedule is checked against transformers step by step in
 # process (tests/test_schedulers.py); cosine runs for real here, the others as slow variants.
 @pytest.mark.parametrize("schedule", [pytest.param("linear", marks=SLOW_VARIANT), "cosine", pytest.param("constant_with_warmup", marks=SLOW_VARIANT)])
-def test_learning_rate_schedule_matches_transformers(schedule, tmp_path):
+def test_learning_rate_schedule_matches_transformers(schedule, runs, tmp_path):
     transformers = pytest.importorskip("transformers")
-    run = run_launcher(tmp_path / "run", *TINY, f"scheduler={schedule}", "train.max_steps=12", "scheduler.warmup_steps=0", "scheduler.warmup_ratio=0.25", "optimizer.learning_rate=0.01", "cluster.nproc_per_node=1")
+    run = runs[schedule] if schedule in runs else run_launcher(tmp_path / "run", *TINY, f"scheduler={schedule}", *SCHEDULE)
     plan = run.plan()
     assert plan["warmup_steps"] == 3
     param = torch.nn.Parameter(torch.zeros(1))
@@ -103,11 +140,8 @@ def test_learning_rate_schedule_matches_transformers(schedule, tmp_path):
         assert lr == pytest.approx(expected[step - 1], rel=1e-9, abs=1e-12), step
 
 
-def test_epochs_plan_and_early_stopping(tmp_path):
-    run = run_launcher(
-        tmp_path / "run", *TINY, "train.max_steps=-1", "train.num_train_epochs=2", "data.max_bytes=60000",
-        "train.eval_strategy=steps", "train.eval_steps=2", "train.early_stopping_patience=2", "train.early_stopping_threshold=100",
-    )
+def test_epochs_plan_and_early_stopping(runs):
+    run = runs["epochs"]
     result = run.result()
     assert result["status"] == "early_stopped"
     evals = [m for m in run.metrics() if "eval_loss" in m]
@@ -115,29 +149,27 @@ def test_epochs_plan_and_early_stopping(tmp_path):
     assert [e["step"] for e in evals] == [0, 2, 4, 6] and result["global_step"] == 6
 
 
-def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
-    plain = run_launcher(tmp_path / "plain", *TINY, "cluster.nproc_per_node=1")
-    ckpt = run_launcher(tmp_path / "ckpt", *TINY, "cluster.nproc_per_node=1", "train.gradient_checkpointing=true")
+def test_gradient_checkpointing_gives_the_same_weights(shared_runs, runs):
+    plain, ckpt = shared_runs["one_rank"], runs["checkpointing"]  # 1 rank, 3 steps; the same job but for checkpointing
     assert "gradient checkpointing on" in (ckpt.run_dir / "logs" / "rank-0.log").read_text()
     assert "gradient checkpointing on" not in (plain.run_dir / "logs" / "rank-0.log").read_text()
     rel_close(plain.weights(), ckpt.weights(), 1e-6)
 
 
-def test_bf16_autocast_on_cpu_trains(tmp_path):
-    run = run_launcher(tmp_path / "run", *TINY, "train.bf16=true", "train.max_steps=12", "optimizer.learning_rate=3e-3")
+def test_bf16_autocast_on_cpu_trains(runs):
+    run = runs["bf16"]
     losses = [m["loss"] for m in run.metrics() if "loss" in m]
     assert run.plan()["precision"] == "bf16" and losses[-1] < losses[0]
 
 
-def test_nonfinite_loss_stops_naming_step_and_rank_or_is_skipped(tmp_path):
-    boom = ["optimizer=sgd", "optimizer.learning_rate=1e12", "optimizer.momentum=0", "train.max_grad_norm=0", "train.max_steps=6"]
-    run = run_launcher(tmp_path / "err", *TINY, *boom, check=False)
+def test_nonfinite_loss_stops_naming_step_and_rank_or_is_skipped(runs):
+    run = runs["nonfinite_error"]  # BOOM: a learning rate of 1e12
     assert run.code != 0
     result = run.result()
     assert result["status"] == "failed" and "non-finite" in result["error"]
     assert "at step" in result["error"] and "rank" in result["error"]
     assert "train.nonfinite=skip" in result["error"]
-    skipped = run_launcher(tmp_path / "skip", *TINY, *boom, "train.nonfinite=skip", "scheduler=linear")
+    skipped = runs["nonfinite_skip"]  # the same with train.nonfinite=skip scheduler=linear
     assert skipped.result()["skipped_steps"] >= 1 and skipped.result()["status"] == "completed"
     # As transformers' Trainer: the schedule advances only with an applied update, and each step
     # logs the rate it used: the step after a skipped one logs the same rate, any other a new one.
@@ -147,41 +179,48 @@ def test_nonfinite_loss_stops_naming_step_and_rank_or_is_skipped(tmp_path):
     assert all((lrs[s] == lrs[s - 1]) == (s in skips) for s in range(1, 6)), (lrs, skips)
 
 
-def test_a_forced_overflow_is_skipped_and_the_schedule_waits(tmp_path):
+def test_a_forced_overflow_is_skipped_and_the_schedule_waits(runs):
     """RINGLEADER_FAULT=overflow makes step 3's gradients inf on rank 1 (how the GPU check forces an
     fp16 overflow; on the CPU, in fp32, it is a non-finite step): the update is skipped on every
     rank, counted, and the schedule waits: step 4 uses (and logs) step 3's learning rate."""
-    run = run_launcher(tmp_path / "run", *TINY, "train.max_steps=5", "train.nonfinite=skip", "scheduler=linear", env=launcher_env(RINGLEADER_FAULT="overflow:1:3"))
+    run = runs["overflow"]  # OVERFLOW with RINGLEADER_FAULT=overflow:1:3
     assert run.result()["skipped_steps"] == 1 and run.result()["status"] == "completed"
     lrs = {m["step"]: m["learning_rate"] for m in run.metrics() if "learning_rate" in m}
     assert lrs[4] == lrs[3] and len(set(lrs.values())) == 4, lrs
     assert "step 3 skipped: non-finite gradient norm" in log_of(run.run_dir)
 
 
-def test_user_model_and_dataset_through_config_dir(tmp_path):
-    conf = tmp_path / "conf"
+def user_config_dir(conf: Path) -> Path:
+    """A user's --config-dir: tests/user_code.py's Bigram and counting dataset as config groups."""
     (conf / "model").mkdir(parents=True)
     (conf / "data").mkdir()
     (conf / "model" / "bigram.yaml").write_text("name: bigram\n_target_: tests.user_code.Bigram\nkwargs:\n  vocab: 256\n")
     (conf / "data" / "counting.yaml").write_text("name: counting\n_target_: tests.user_code.counting_dataset\nnum_samples: 256\nkwargs:\n  period: 7\n")
-    run = run_launcher(tmp_path / "run", "--config-dir", str(conf), "model=bigram", "data=counting", *TINY[5:], "train.max_steps=20", "optimizer.learning_rate=0.05")
+    return conf
+
+
+def test_user_model_and_dataset_through_config_dir(runs):
+    run = runs["user_code"]  # --config-dir user_config_dir model=bigram data=counting, 20 steps
     losses = [m["loss"] for m in run.metrics() if "loss" in m]
     assert losses[-1] < losses[0] - 0.5
     assert set(run.weights()) == {"table.weight"}
 
 
-def test_text_files_dataset(tmp_path):
-    corpus = tmp_path / "corpus"
+def text_corpus(corpus: Path) -> Path:
     corpus.mkdir()
     for i in range(20):
         (corpus / f"doc{i}.txt").write_text(("the quick brown fox jumps over the lazy dog. " * 40) + f"{i}\n")
-    run = run_launcher(tmp_path / "run", *TINY, "data=text_files", f"data.paths=[{corpus}/*.txt]", "data.seq_len=32", "data.max_bytes=0", "train.max_steps=10")
+    return corpus
+
+
+def test_text_files_dataset(runs):
+    run = runs["text_files"]  # data=text_files over text_corpus's 20 files
     assert run.plan()["train_samples"] > 0 and run.result()["status"] == "completed"
 
 
 def test_ctrl_c_stops_every_rank_cleanly(tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "launcher", *TINY, "train.max_steps=100000", "train.logging_steps=1", f"train.output_dir={run_dir}"]
+    args = [sys.executable, "-m", "launcher", *TINY, "train.max_steps=100000", "train.logging_steps=1", "train.report_to=[]", f"train.output_dir={run_dir}"]
     proc = subprocess.Popen(args, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
