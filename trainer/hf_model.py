@@ -250,9 +250,8 @@ def load_full_state_dict(model: nn.Module, name_or_path: str | None, *, rename: 
     if problem:
         raise ValueError(problem)
     embed = next((src for src in source.values() if src is not None and src.endswith("embed_tokens.weight")), "")
-    largest = max((t.numel() * t.element_size() for t in targets.values()), default=0)
     try:
-        with torch.no_grad(), transients_returned(lambda: largest):
+        with torch.no_grad(), transients_returned():
             for name, target in targets.items():
                 local = target.to_local() if isinstance(target, DTensor) else target
                 src = source[name]
@@ -283,15 +282,16 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # the most its dynamic rule raises it to (6
 
 
 @contextlib.contextmanager
-def transients_returned(largest: Callable[[], int]) -> Iterator[None]:
+def transients_returned() -> Iterator[None]:
     """While streaming weights in, large transient buffers go back to the system when freed:
     glibc's M_MMAP_THRESHOLD fixed at its initial 128 KiB. By default glibc raises the threshold
     to the size of each large block freed, after which blocks that size come from the heap and
     freed ones stay resident; gloo receives into buffers of its own threads' arenas too. Measured
     on 2 ranks loading an 88 M-parameter Llama under zero3: +113 MiB on rank 1 that malloc_trim
-    would give back, none with the fixed threshold. Afterwards the threshold is set where glibc's
-    own rule would have left it (the largest tensor loaded, at most 32 MiB): fixing it once turns
-    the dynamic rule off for the process. Not glibc (musl, macOS): nothing changes."""
+    would give back, none with the fixed threshold. Fixing it turns glibc's dynamic rule off for
+    the process, so afterwards it is fixed at the rule's ceiling (32 MiB, trim at twice it):
+    training's blocks below that come from the heap and are reused, as the rule would let them
+    once a block that large was freed. Not glibc (musl, macOS): nothing changes."""
     import ctypes
     import platform
 
@@ -304,9 +304,8 @@ def transients_returned(largest: Callable[[], int]) -> Iterator[None]:
     try:
         yield
     finally:
-        after = max(GLIBC_MMAP_THRESHOLD, min(largest(), GLIBC_MMAP_THRESHOLD_MAX))
-        libc.mallopt(m_mmap_threshold, after)
-        libc.mallopt(m_trim_threshold, 2 * after)  # glibc's rule keeps the trim threshold at twice it
+        libc.mallopt(m_mmap_threshold, GLIBC_MMAP_THRESHOLD_MAX)
+        libc.mallopt(m_trim_threshold, 2 * GLIBC_MMAP_THRESHOLD_MAX)
 
 
 def scatterable(p: Any, world: int) -> bool:
@@ -402,8 +401,7 @@ def zero3_load_pretrained(spec: HFModelSpec, cfg: Any, dtype: torch.dtype) -> An
     cfg = copy.deepcopy(cfg)
     cfg.dtype = dtype  # as from_pretrained(dtype=) records it (config.json of final/)
     cfg.name_or_path = spec.name_or_path
-    biggest = [0]  # bytes of the largest parameter (transients_returned)
-    with transients_returned(lambda: biggest[0]):
+    with transients_returned():
         try:
             with ContextManagers(cls.get_init_context(dtype, False, False, False)):
                 model = cls(cfg)
@@ -412,7 +410,6 @@ def zero3_load_pretrained(spec: HFModelSpec, cfg: Any, dtype: torch.dtype) -> An
             groups: dict[int, tuple[list[str], Any]] = {}
             for name, p in model.named_parameters(remove_duplicate=False):
                 groups.setdefault(id(p), ([], p))[0].append(name)
-            biggest[0] = max((getattr(p, "ds_numel", p.numel()) * p.element_size() for _, p in groups.values()), default=0)
             persistent = set(model.state_dict().keys())
             buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
             keys: list[str] = []  # rank 0: the file's key for each parameter, in the model's order
