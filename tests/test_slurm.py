@@ -1,7 +1,8 @@
 """cluster=slurm against a real two-node SLURM cluster on loopback (tests/slurm_cluster.py).
 
-The cluster starts once for this module. The tests skip only when SLURM's packages are missing and
-they cannot be installed (not root); `bash tests/run.sh` installs them as root, so CI runs these.
+The cluster starts once per session (tests/conftest.py slurm_cluster). The tests skip only when
+SLURM's packages are missing and they cannot be installed (not root); `bash tests/run.sh` installs
+them as root, so CI runs these.
 """
 
 from __future__ import annotations
@@ -26,17 +27,34 @@ if missing_packages() and os.geteuid() != 0:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    assert not missing_packages(), f"SLURM's packages are missing: {missing_packages()}; run bash tests/run.sh (as root it installs them)"
-    c = LocalSlurmCluster().start()
-    yield c
-    c.stop()
+def cluster(slurm_cluster: LocalSlurmCluster) -> LocalSlurmCluster:
+    """The session's cluster (tests/conftest.py), shared with test_sweep_slurm and test_backends."""
+    return slurm_cluster
+
+
+class Background:
+    """A local launcher run started in the background: weights() waits for it and reads final/."""
+
+    def __init__(self, run_dir: Path, *overrides: str) -> None:
+        self.run_dir = run_dir
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / "launcher.log", "w") as out:  # a file, not a pipe nobody reads
+            self.proc = subprocess.Popen([sys.executable, "-m", "launcher", *overrides, f"train.output_dir={run_dir}"], env=launcher_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    def weights(self) -> dict:
+        code = self.proc.wait(timeout=300)
+        assert code == 0, (self.run_dir.parent / "launcher.log").read_text()[-3000:]
+        return weights(self.run_dir)
 
 
 @pytest.fixture(scope="module")
-def four_local_ranks(tmp_path_factory) -> dict:
-    """The reference for the 2-node x 2-rank runs: TINY on 4 local ranks (1 thread each, as there)."""
-    return run_launcher(tmp_path_factory.mktemp("local4") / "run", *TINY, "cluster.nproc_per_node=4").weights()
+def four_local_ranks(tmp_path_factory):
+    """The reference for the 2-node x 2-rank runs: TINY on 4 local ranks (1 thread each, as there).
+    It starts when a test first asks for it and runs beside that test's SLURM job (the same thread
+    count per rank, so the same sums, whatever else runs)."""
+    reference = Background(tmp_path_factory.mktemp("local4") / "run", *TINY, "cluster.nproc_per_node=4")
+    yield reference
+    reference.proc.wait(timeout=300)  # never left running past the module
 
 
 def slurm_env(cluster: LocalSlurmCluster) -> dict[str, str]:
@@ -93,7 +111,7 @@ def signal_and_requeue(cluster: LocalSlurmCluster, run_dir: Path, job: str, at_s
     return stopped_at
 
 
-def test_two_nodes_match_four_local_ranks_and_values_stay_literal(cluster: LocalSlurmCluster, four_local_ranks: dict, tmp_path: Path) -> None:
+def test_two_nodes_match_four_local_ranks_and_values_stay_literal(cluster: LocalSlurmCluster, four_local_ranks: Background, tmp_path: Path) -> None:
     """2 nodes x 2 ranks through `python -m launcher ... cluster=slurm cluster.wait=true` end with
     the weights of a local 4-rank run. The same job carries injection attempts in a setup line,
     the job comment and the run directory's name: they reach SLURM and bash as literal text."""
@@ -111,7 +129,7 @@ def test_two_nodes_match_four_local_ranks_and_values_stay_literal(cluster: Local
     assert "submitted job" in slurm.output and "ended COMPLETED; result completed" in slurm.output, slurm.output[-3000:]
     assert slurm.result()["status"] == "completed"
     assert slurm.plan()["world_size"] == 4 and slurm.plan()["nodes"] == 2
-    ours, theirs = slurm.weights(), four_local_ranks
+    ours, theirs = slurm.weights(), four_local_ranks.weights()
     assert ours.keys() == theirs.keys()
     # Both have 1 thread per rank and the same 4 ranks: the sums run in the same order, so exactly equal.
     assert all(ours[name].equal(theirs[name]) for name in ours)
@@ -218,7 +236,7 @@ def test_requeue_cap_status_logs_and_cancel(cluster: LocalSlurmCluster, tmp_path
     assert "CANCELLED" in verb(cluster, "status", str(run_dir)).stdout
 
 
-def test_srun_by_hand_inside_an_allocation(cluster: LocalSlurmCluster, four_local_ranks: dict, tmp_path: Path) -> None:
+def test_srun_by_hand_inside_an_allocation(cluster: LocalSlurmCluster, four_local_ranks: Background, tmp_path: Path) -> None:
     """`srun -N2 python -m launcher ...`: each task detects SLURM, task 0 writes the run directory,
     every task runs torchrun for its node, and the run is the same 4-rank run."""
     run_dir = tmp_path / "by-hand"
@@ -230,5 +248,5 @@ def test_srun_by_hand_inside_an_allocation(cluster: LocalSlurmCluster, four_loca
     assert proc.stdout.count("ringleader plan") == 1 and "task 1 of 2 (node 1)" in proc.stdout, proc.stdout[-2000:]
     assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
     assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 4
-    ours, theirs = weights(run_dir), four_local_ranks
+    ours, theirs = weights(run_dir), four_local_ranks.weights()
     assert all(ours[k].equal(theirs[k]) for k in theirs)
