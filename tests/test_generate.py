@@ -40,8 +40,8 @@ def cached_args(cache: Path) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(hf_cache) -> Path:
+    return hf_cache  # tests/conftest.py: one per session
 
 
 @pytest.fixture(scope="module")
