@@ -116,3 +116,28 @@ def test_a_lora_runs_model_only_checkpoints_hold_the_adapter(strategy, base, cac
 
     out = export_checkpoint(run.run_dir / "checkpoints" / "step-4", tmp_path / "adapter")
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_stops_checkpoint_is_whole_so_the_resume_after_it_is_exact(tmp_path):
+    """Ctrl-C (as SIGTERM or SLURM's USR2 before a requeue) saves a checkpoint that the job resumes
+    from next: with save_only_model it is a full one all the same (optimizer and RNG state), so that
+    resume is exact (the full-checkpoint resume tests cover what it then does)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launcher", *TINY, "train.max_steps=100000", "train.logging_steps=1", "train.report_to=[]", "train.save_only_model=true", f"train.output_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "stopped", out
+    (saved,) = [p.parent for p in (run_dir / "checkpoints").glob("step-*/COMPLETE")]
+    assert any(k.startswith("/optimizer/") for k in read_dcp(saved / "dcp")) and list(saved.glob("rng-*")), sorted(read_dcp(saved / "dcp"))[:5]
+    assert "save_only_model" not in json.loads((saved / "trainer_state.json").read_text())

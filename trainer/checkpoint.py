@@ -28,7 +28,9 @@ warning line in the log and a note in metrics.jsonl's resume event. It loads the
 data position and the schedule's step; the optimizer starts afresh, as in Trainer, which resumes
 such a checkpoint quietly with a new optimizer and a schedule from its first step again. It is not
 refused: ringleader resumes by itself after a crash or a requeue, and losing the run's progress
-there would be worse than a fresh optimizer.
+there would be worse than a fresh optimizer. The checkpoint a stop writes (Ctrl-C, SIGTERM,
+SLURM's USR2 before a requeue) is a full one all the same (`save(full=True)`): the job is about to
+be resumed from it, so that resume stays exact.
 """
 
 from __future__ import annotations
@@ -215,14 +217,15 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, step: int, strategy, loop_state: dict[str, Any], *, keep: AbstractSet[int] = frozenset(), asynchronous: bool = False) -> None:
+    def save(self, step: int, strategy, loop_state: dict[str, Any], *, keep: AbstractSet[int] = frozenset(), asynchronous: bool = False, full: bool = False) -> None:
         """Save the state after `step`. Collective. With `asynchronous`, a thread copies the state
         and writes it; this returns at once, and the strategy's next step() waits for the copy
-        only (see NativeStrategy.staged_state). The next save (or `wait`) waits for the whole."""
+        only (see NativeStrategy.staged_state). The next save (or `wait`) waits for the whole.
+        `full`: a whole checkpoint even with train.save_only_model (a stop's, resumed next)."""
         self.wait()
         tmp = self.root / f"step-{step}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        model_only = self.model_only
+        model_only = self.model_only and not full
         rng = None if model_only else {k: v.clone() for k, v in rng_state(self.device).items()}
         loop_state = json.loads(json.dumps(loop_state))  # a copy: the loop goes on changing its own
         if model_only:  # the schedule's step, taken now: an asynchronous save commits steps later

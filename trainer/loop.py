@@ -209,7 +209,7 @@ class Trainer:
                 early_stop = self.evaluate_and_track(checkpointed=control.save or t.save_strategy == "best")
                 self.flow.on_evaluate(control, interrupted=self.interrupted, early_stop=early_stop, improved=s.best_step == s.step)
             if control.save:
-                self.save()
+                self.save(full=control.stop == STOPPED)  # a stop's checkpoint is resumed next: whole, even with save_only_model
             if control.stop:
                 self.status = control.stop
                 self.log_stop(control)
@@ -226,7 +226,7 @@ class Trainer:
             self.evaluate_and_track(checkpointed=end.save or t.save_strategy == "best")
             self.flow.on_evaluate(end, interrupted=False, early_stop=False, improved=s.best_step == s.step)
         if end.save:
-            self.save()
+            self.save(full=self.status == STOPPED)
         self.checkpoints.wait()
         return {"status": self.status, "train_runtime_s": round(time.perf_counter() - started, 3)}
 
@@ -420,10 +420,10 @@ class Trainer:
             patience=t.early_stopping_patience, checkpointed=checkpointed, saves=t.save_strategy != "no",
         )
 
-    def save(self) -> None:
+    def save(self, *, full: bool = False) -> None:
         keep = {self.state.best_model_step} if self.cfg.train.load_best_model_at_end and self.state.best_model_step else set()
         self.activity.saving = True
         try:
-            self.checkpoints.save(self.state.step, self.strategy, dataclasses.asdict(self.state), keep=keep, asynchronous=self.cfg.train.save_async)
+            self.checkpoints.save(self.state.step, self.strategy, dataclasses.asdict(self.state), keep=keep, asynchronous=self.cfg.train.save_async, full=full)
         finally:
             self.activity.saving = False
