@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT, SLOW_VARIANT, TINY
 from tests.slurm_cluster import LocalSlurmCluster
-from tests.test_slurm import cluster, slurm_env, state, wait_for  # noqa: F401  (cluster: the module's own cluster)
+from tests.test_slurm import cluster, slurm_env, state, wait_for  # noqa: F401  (cluster: the session's, tests/conftest.py)
 
 pytestmark = pytest.mark.slurm
 
