@@ -154,9 +154,7 @@ class DeepSpeedStrategy(Strategy):
         and sets its partitions of the fp32 master weights and the module's from it. The optimizer,
         schedule and loss scale stay as built. A LoRA run's holds the adapter: the frozen base
         stays as loaded from model.name_or_path."""
-        import deepspeed
         import torch.distributed.checkpoint as dcp
-        from deepspeed.utils import safe_set_full_fp32_param
 
         from trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
@@ -166,13 +164,7 @@ class DeepSpeedStrategy(Strategy):
         SafeFileSystemReader(str(path / "dcp")).read_metadata()  # crafted metadata refused here, in one line
         dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path / "dcp")), planner=SafeLoadPlanner(), no_dist=True)
         for names, p in wanted:
-            value = tensors[f"/model/{names[0]}"]
-            safe_set_full_fp32_param(p, value.to(p.device))
-            if self.stage == 3:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    p.data.copy_(value.to(p.device, p.dtype))
-            else:
-                p.data.copy_(value.to(p.device, p.dtype))
+            self._set_full_param(p, tensors[f"/model/{names[0]}"])
 
     def load_state(self, path: Path) -> None:
         if (path / "strategy.json").is_file():  # written by save_model_only (train.save_only_model)
@@ -221,14 +213,18 @@ class DeepSpeedStrategy(Strategy):
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Set the fp32 master partitions and the module's (16-bit or fp32) parameters from
         consolidated weights. Every rank calls it with the same state."""
+        for names, p in self._named_parameters():
+            self._set_full_param(p, state[names[0]].to(torch.float32))
+
+    def _set_full_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """One parameter from its whole fp32 value: the optimizer's fp32 master partition and the
+        module's (16-bit or fp32) copy; under ZeRO-3 gathered, set by rank 0, re-partitioned."""
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        for names, p in self._named_parameters():
-            value = state[names[0]].to(torch.float32)
-            safe_set_full_fp32_param(p, value.to(p.device))
-            if self.stage == 3:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    p.data.copy_(value.to(p.device, p.dtype))
-            else:
+        safe_set_full_fp32_param(p, value.to(p.device))
+        if self.stage == 3:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 p.data.copy_(value.to(p.device, p.dtype))
+        else:
+            p.data.copy_(value.to(p.device, p.dtype))
