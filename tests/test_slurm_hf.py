@@ -30,14 +30,6 @@ ARGS = (
 )
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    assert not missing_packages(), f"SLURM's packages are missing: {missing_packages()}; run bash tests/run.sh (as root it installs them)"
-    c = LocalSlurmCluster().start()
-    yield c
-    c.stop()
-
-
 def wait_for(what: str, check, timeout: float = 120, every: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,9 +52,10 @@ def snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_hf_model_tokenizes_once_and_requeues_on_the_cache(cluster: LocalSlurmCluster, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    env = launcher_env(SLURM_CONF=str(cluster.conf), XDG_CACHE_HOME=str(tmp_path / "xdg"), **OFFLINE)
+def test_hf_model_tokenizes_once_and_requeues_on_the_cache(slurm_cluster: LocalSlurmCluster, tmp_path: Path) -> None:
+    cluster = slurm_cluster  # the session's (tests/conftest.py)
+    cache = tmp_path / "cache"  # its own data.cache_dir: this run must tokenize
+    env = launcher_env(SLURM_CONF=str(cluster.conf), **OFFLINE)
     run_dir = tmp_path / "run"
     run = run_launcher(run_dir, *ARGS, f"data.cache_dir={cache}", env=env, timeout=300)
     assert "submitted job" in run.output, run.output[-3000:]
