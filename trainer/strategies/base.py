@@ -138,10 +138,6 @@ class Strategy(ABC):
         Collective: every rank calls it. `trainable_only`: the parameters that train (a LoRA
         adapter) and the buffers, not the frozen weights."""
 
-    @abstractmethod
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Initialise the weights from consolidated ones (warm start); every rank calls it."""
-
     def discard_gradients(self) -> None:
         """Drop the gradients of a step that is not applied but run again (an out-of-memory error
         in one of its micro-batches: trainer/autobatch.py)."""

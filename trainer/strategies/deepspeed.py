@@ -210,12 +210,6 @@ class DeepSpeedStrategy(Strategy):
             out = {k: out[k] for k in keys if k in out}
         return out
 
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Set the fp32 master partitions and the module's (16-bit or fp32) parameters from
-        consolidated weights. Every rank calls it with the same state."""
-        for names, p in self._named_parameters():
-            self._set_full_param(p, state[names[0]].to(torch.float32))
-
     def _set_full_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
         """One parameter from its whole fp32 value: the optimizer's fp32 master partition and the
         module's (16-bit or fp32) copy; under ZeRO-3 gathered, set by rank 0, re-partitioned."""

@@ -270,8 +270,3 @@ class NativeStrategy(Strategy):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(self.model, options=options)  # type: ignore[return-value]  # tensors only
 
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        self.wait_for_staging()
-        set_model_state_dict(self.model, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
