@@ -57,8 +57,8 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(hf_cache):
+    return hf_cache  # tests/conftest.py: one per session
 
 
 @pytest.fixture(scope="module")
