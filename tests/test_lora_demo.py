@@ -15,15 +15,18 @@ for _k, _v in OFFLINE.items():
     os.environ.setdefault(_k, _v)
 
 
-def test_demo_pretrains_then_lora_lowers_the_eval_loss_and_logs_generations(tmp_path: Path) -> None:
-    env = launcher_env(XDG_CACHE_HOME=str(tmp_path / "cache"), **OFFLINE)
+def test_demo_pretrains_then_lora_lowers_the_eval_loss_and_logs_generations(hf_cache: Path, tmp_path: Path) -> None:
+    # The instruction set is tokenized into the session's data.cache_dir (tests/conftest.py), which
+    # the other tests of this tokenizer share: not a fresh XDG_CACHE_HOME, where DeepSpeed's JIT
+    # ops would be rebuilt too.
+    env = launcher_env(**OFFLINE)
     pretrain = run_launcher(
         tmp_path / "pretrain", "+demo=pretrain", "train.max_steps=10", "train.per_device_train_batch_size=8", "train.eval_strategy=no", "train.logging_steps=5",
         "data.kwargs.max_bytes=400000", env=env,
     )
     assert pretrain.result()["status"] == "completed" and (tmp_path / "pretrain" / "final" / "config.json").is_file()
     lora = run_launcher(
-        tmp_path / "lora", "+demo=lora", f"model.name_or_path={tmp_path / 'pretrain' / 'final'}", "train.max_steps=12", "train.eval_steps=12",
+        tmp_path / "lora", "+demo=lora", f"model.name_or_path={tmp_path / 'pretrain' / 'final'}", f"data.cache_dir={hf_cache}", "train.max_steps=12", "train.eval_steps=12",
         "train.eval_max_new_tokens=6", env=env,
     )
     assert lora.result()["status"] == "completed"
