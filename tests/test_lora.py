@@ -50,8 +50,8 @@ def losses(run: Run) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(hf_cache) -> Path:
+    return hf_cache  # tests/conftest.py: one per session
 
 
 @pytest.fixture(scope="module")
