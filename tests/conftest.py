@@ -88,6 +88,22 @@ def run_launcher(run_dir: Path | None, *overrides: str, timeout: float = 300, ch
     return run
 
 
+def interrupt_after(run_dir: Path, *overrides: str, lines: int = 3, timeout: float = 120) -> tuple[int, str]:
+    """Start `python -m launcher` into run_dir, press Ctrl-C (SIGINT) once metrics.jsonl has
+    `lines` lines; its exit code and output."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "launcher", *overrides, f"train.output_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= lines):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out
+
+
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.checkpoint_tools import checkpoint_steps, log_of, read_dcp
-from tests.conftest import SLOW_VARIANT, TINY, Run, launcher_env, run_launcher
+from tests.conftest import SLOW_VARIANT, TINY, Run, interrupt_after, launcher_env, run_launcher
 from tests.test_lora import ADAPTER, OFFLINE, adapted, args, base, cache  # noqa: F401  # base, cache: its fixtures (the LoRA variant)
 
 # 6 steps, a checkpoint and an evaluation every 2, the best model loaded at the end. Plain SGD with
@@ -122,21 +122,8 @@ def test_a_stops_checkpoint_is_whole_so_the_resume_after_it_is_exact(tmp_path):
     """Ctrl-C (as SIGTERM or SLURM's USR2 before a requeue) saves a checkpoint that the job resumes
     from next: with save_only_model it is a full one all the same (optimizer and RNG state), so that
     resume is exact (the full-checkpoint resume tests cover what it then does)."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import ROOT
-
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launcher", *TINY, "train.max_steps=100000", "train.logging_steps=1", "train.report_to=[]", "train.save_only_model=true", f"train.output_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    _, out = interrupt_after(run_dir, *TINY, "train.max_steps=100000", "train.logging_steps=1", "train.report_to=[]", "train.save_only_model=true")
     assert json.loads((run_dir / "result.json").read_text())["status"] == "stopped", out
     (saved,) = [p.parent for p in (run_dir / "checkpoints").glob("step-*/COMPLETE")]
     assert any(k.startswith("/optimizer/") for k in read_dcp(saved / "dcp")) and list(saved.glob("rng-*")), sorted(read_dcp(saved / "dcp"))[:5]

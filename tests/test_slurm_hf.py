@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import launcher_env, run_launcher
 from tests.slurm_cluster import LocalSlurmCluster, missing_packages
+from tests.test_slurm import wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -28,16 +29,6 @@ ARGS = (
     "train.eval_strategy=no", "train.eval_on_start=false", "train.save_strategy=no", "train.max_steps=40", "optimizer.learning_rate=1e-3",
     "scheduler=constant", "+hw=cpu", "hw.cpus_per_node=1", "cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1", "cluster.rdzv_port=29621",
 )
-
-
-def wait_for(what: str, check, timeout: float = 120, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def events(run_dir: Path) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from tests.checkpoint_tools import log_of
-from tests.conftest import ONE_RANK, ROOT, SLOW_VARIANT, TINY, Run, launcher_env, run_launcher, side_by_side
+from tests.conftest import ONE_RANK, SLOW_VARIANT, TINY, Run, interrupt_after, launcher_env, run_launcher, side_by_side
 
 
 def rel_close(a: dict, b: dict, tol: float) -> None:
@@ -220,14 +219,8 @@ def test_text_files_dataset(runs):
 
 def test_ctrl_c_stops_every_rank_cleanly(tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "launcher", *TINY, "train.max_steps=100000", "train.logging_steps=1", "train.report_to=[]", f"train.output_dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT, out
+    code, out = interrupt_after(run_dir, *TINY, "train.max_steps=100000", "train.logging_steps=1", "train.report_to=[]")
+    assert code == 128 + signal.SIGINT, out
     result = __import__("json").loads((run_dir / "result.json").read_text())
     assert result["status"] == "stopped", out
     assert list((run_dir / "checkpoints").glob("step-*/COMPLETE")), "a stop saves a checkpoint to resume from"
