@@ -238,3 +238,18 @@ def test_qlora_trains_on_a_gpu(base, cache, tmp_path):
     steps = losses(run)
     assert sorted(steps) == [1, 2, 3, 4] and steps[4] < steps[1]
     assert "4-bit ones not compared" in log_of(run.run_dir, 0)
+
+
+def test_the_end_of_run_check_catches_a_frozen_weight_that_moved(base):
+    """check_frozen_unchanged (run by every rank at the end of a LoRA run) against the base's file,
+    in one process: the untouched model passes, one changed frozen weight is named."""
+    from trainer.lora import check_frozen_unchanged
+
+    model = adapted(base)
+    checked, _ = check_frozen_unchanged(model)
+    assert checked > 0
+    name, p = next((n, p) for n, p in model.named_parameters() if not p.requires_grad and "layers.0" in n and p.dim() == 2)
+    with torch.no_grad():
+        p[0, 0] += 1
+    with pytest.raises(RuntimeError, match=f"frozen base weight {name} changed"):
+        check_frozen_unchanged(model)

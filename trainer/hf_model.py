@@ -364,14 +364,18 @@ def zero3_load_pretrained(spec: HFModelSpec, cfg: Any, dtype: torch.dtype) -> An
     conversions from_pretrained applies); the caller then uses from_pretrained."""
     import deepspeed
     import torch.distributed as dist
-    from transformers.modeling_utils import patch_output_recorders
-    from transformers.models.auto.auto_factory import _get_model_class
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-    from transformers.utils.generic import ContextManagers
 
     from trainer.safetensors_reader import SafetensorsReader
 
     log = logging.getLogger("ringleader")
+    try:  # transformers' internals of from_pretrained (5.x); another version: its own loader, on every rank alike
+        from transformers.modeling_utils import patch_output_recorders
+        from transformers.models.auto.auto_factory import _get_model_class
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+        from transformers.utils.generic import ContextManagers
+    except ImportError as e:
+        log.info("zero3: %s; transformers' ZeRO-3 from_pretrained loads %s", e, spec.name_or_path)
+        return None
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank0 = world == 1 or dist.get_rank() == 0
 

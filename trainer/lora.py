@@ -30,17 +30,18 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
 
 from launcher.schema import PeftConfig
+
+if TYPE_CHECKING:
+    from trainer.safetensors_reader import SafetensorsReader
 
 log = logging.getLogger("ringleader")
 ADAPTER = "default"  # peft's name of the (only) adapter
@@ -260,19 +261,6 @@ def own_piece(p: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.
     return p, full
 
 
-def weight_files(name_or_path: str) -> list[Path]:
-    """The base's safetensors files (trainer/hf_model.py's rule: one file, or an index's shards)."""
-    import json
-
-    from launcher.hf_config import source_folder
-
-    folder = source_folder(name_or_path) or Path(os.path.expanduser(name_or_path))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [folder / "model.safetensors"]
-
-
 def check_frozen_unchanged(model: nn.Module) -> tuple[int, int]:
     """At the end of a LoRA run, on every rank: the frozen base weights equal model.name_or_path's,
     bit for bit at the dtype they are held in (a base that moved would no longer fit the adapter).
@@ -280,17 +268,21 @@ def check_frozen_unchanged(model: nn.Module) -> tuple[int, int]:
     strategies; ZeRO-3's are gathered one at a time). Returns (tensors
     compared, 4-bit tensors skipped); raises naming the first that differs."""
     import torch.distributed as dist
-    from safetensors import safe_open
+
+    from trainer.hf_model import weight_files
+    from trainer.safetensors_reader import SafetensorsReader
 
     model = unwrap(model)
     info = lora_info(model)
     assert info is not None, "not a LoRA model"
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    where: dict[str, Any] = {}
-    for f in weight_files(info.base):
-        handle = safe_open(str(f), framework="pt")
-        where.update({k: handle for k in handle.keys()})
-    embed = next((k for k in where if k.endswith("embed_tokens.weight")), "")
+    with SafetensorsReader(weight_files(info.base)) as where:  # one tensor read at a time, no memory map of the base
+        return compare_frozen(model, where, base=info.base, rank=rank, world=world)
+
+
+def compare_frozen(model: nn.Module, where: SafetensorsReader, *, base: str, rank: int, world: int) -> tuple[int, int]:
+    """check_frozen_unchanged's loop over the model's frozen parameters, `where` the base's tensors."""
+    embed = next((k for k in where.keys() if k.endswith("embed_tokens.weight")), "")
     checked = skipped = 0
     for i, (name, param) in enumerate(model.named_parameters()):
         key = base_key(name)
@@ -307,13 +299,13 @@ def check_frozen_unchanged(model: nn.Module) -> tuple[int, int]:
                 whole = param.detach().clone()
             if i % world != rank:
                 continue
-            mine, want = whole, where[key].get_tensor(key)
+            mine, want = whole, where.read(key)
         else:
             sharded = sys.modules.get("torch.distributed.tensor") is not None and isinstance(param, sys.modules["torch.distributed.tensor"].DTensor)
             if not sharded and i % world != rank:
                 continue
-            mine, want = own_piece(param.detach(), where[key].get_tensor(key))
+            mine, want = own_piece(param.detach(), where.read(key))
         if not torch.equal(mine.cpu(), want.to(mine.dtype)):
-            raise RuntimeError(f"peft: the frozen base weight {name} changed during training (it no longer equals {key} of {info.base}); the adapter would not fit its base")
+            raise RuntimeError(f"peft: the frozen base weight {name} changed during training (it no longer equals {key} of {base}); the adapter would not fit its base")
         checked += 1
     return checked, skipped
