@@ -101,6 +101,10 @@ def main(cases_file: str, out_file: str) -> None:
     if dist.get_rank() == 0:
         with open(out_file, "w") as f:
             json.dump(out, f)
+    # Trainer (accelerate) leaves its process group up; torn down at interpreter exit, gloo's threads
+    # sometimes abort the process ("terminate called without an active exception", exit -6).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
